@@ -1,0 +1,171 @@
+"""Which backend serves a call.
+
+Each op registers its implementations here (``register``); the public function validates
+its inputs and calls ``select``. ``backend=None``/``"auto"`` (or ``AGIFORMER_KERNELS_BACKEND``
+unset) takes the first backend of ``AUTO_ORDER[device]`` that can serve the call, warning once
+for each one it skips; a backend named explicitly, by argument or environment variable, either
+serves the call or raises ``BackendError`` saying why.
+
+Two questions decide whether a backend serves a call:
+- ``available(device_type)``: does it exist here at all (extension built, triton installed)?
+  Answered once per (op, backend, device type) outside any ``torch.compile`` trace.
+- ``check(*args, **kwargs)``: can it take these inputs (dtype, head dim, ...)? Pure Python on
+  shapes and dtypes, so torch.compile traces it and guards on the answer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "AGIFORMER_KERNELS_BACKEND"
+# Triton on CPU tensors runs only through its interpreter: a test tool, never an auto choice.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+Reason = Optional[str]  # why a backend cannot serve; None when it can
+
+
+class BackendError(RuntimeError):
+    """A backend asked for by name cannot serve the call."""
+
+
+def _always(*args: Any, **kwargs: Any) -> Reason:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    fn: Callable
+    check: Callable[..., Reason]
+    available: Callable[[str], Reason]
+
+
+_registry: dict[str, dict[str, Backend]] = {}
+_availability: dict[tuple[str, str, str], Reason] = {}
+_warned: set[tuple[str, str, str]] = set()
+
+
+def register(
+    op: str,
+    backend: str,
+    fn: Callable,
+    *,
+    check: Callable[..., Reason] = _always,
+    available: Callable[[str], Reason] = _always,
+) -> None:
+    """Make ``fn`` the ``backend`` implementation of ``op``; ``fn`` takes the public function's arguments."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _registry.setdefault(op, {})[backend] = Backend(fn, check, available)
+
+
+@torch.compiler.assume_constant_result
+def _unavailable(op: str, backend: str, device_type: str) -> Reason:
+    key = (op, backend, device_type)
+    if key not in _availability:
+        _availability[key] = _registry[op][backend].available(device_type)
+    return _availability[key]
+
+
+def _requested(backend: str | None) -> str:
+    name = backend or os.environ.get(ENV_VAR) or "auto"
+    if name not in BACKENDS + ("auto",):
+        source = "backend" if backend else ENV_VAR
+        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+def _warn_once(op: str, backend: str, reason: str, instead: str) -> None:
+    if torch.compiler.is_compiling() or (op, backend, reason) in _warned:
+        return
+    _warned.add((op, backend, reason))
+    warnings.warn(
+        f"agiformer_kernels.{op}: backend {backend!r} cannot serve this call ({reason}); using {instead!r}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def select(op: str, backend: str | None, device: torch.device, *args: Any, **kwargs: Any) -> Callable:
+    """The implementation of ``op`` that serves this call; args/kwargs are what it will be called with."""
+    impls = _registry[op]
+    name = _requested(backend)
+    if name != "auto":
+        if name not in impls:
+            raise BackendError(f"{op} has no {name!r} backend (it has {sorted(impls)})")
+        reason = _unavailable(op, name, device.type) or impls[name].check(*args, **kwargs)
+        if reason is not None:
+            raise BackendError(f"{op}: backend {name!r} cannot serve this call: {reason}")
+        return impls[name].fn
+    order = [b for b in AUTO_ORDER.get(device.type, ("reference",)) if b in impls]
+    skipped = []
+    for candidate in order:
+        reason = _unavailable(op, candidate, device.type) or impls[candidate].check(*args, **kwargs)
+        if reason is None:
+            for b, why in skipped:
+                _warn_once(op, b, why, candidate)
+            return impls[candidate].fn
+        skipped.append((candidate, reason))
+    raise BackendError(f"{op}: no backend can serve this call: {dict(skipped)}")
+
+
+def available_backends(device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
+    """For each op and backend: ``"available"`` or why not, for tensors on ``device``.
+
+    ``device`` defaults to ``"cuda"`` when a GPU is present, else ``"cpu"``. Asking may build
+    the C++ extensions (JIT, once). A backend can still decline a call it does not support
+    (a dtype, a head dim); its error says so.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    report = {}
+    for op in sorted(_registry):
+        report[op] = {}
+        for b in BACKENDS:
+            if b not in _registry[op]:
+                report[op][b] = "not implemented for this op"
+            else:
+                report[op][b] = _unavailable(op, b, device_type) or "available"
+    return report
+
+
+def triton_unavailable(device_type: str) -> Reason:
+    """Why Triton kernels cannot run on tensors of this device type, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 before importing triton)"
+    return f"triton does not run {device_type} tensors"
+
+
+def device_is(device_type: str) -> Callable[[str], Reason]:
+    """An ``available`` for backends bound to one device type."""
+
+    def available(actual: str) -> Reason:
+        return None if actual == device_type else f"it runs only {device_type} tensors, these are on {actual}"
+
+    return available
+
+
+def extension_kernel(op: str, kernel: str, device_type: str) -> Callable[[str], Reason]:
+    """An ``available`` for a backend served by ``torch.ops.agiformer_kernels.<kernel>`` on one device type."""
+
+    def available(actual: str) -> Reason:
+        if actual != device_type:
+            return f"it runs only {device_type} tensors, these are on {actual}"
+        from . import extension
+
+        return extension.unavailable(op, kernel, torch.device(actual))
+
+    return available

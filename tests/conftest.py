@@ -1,0 +1,42 @@
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter, which must be chosen before
+# triton is imported (agiformer_kernels imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    """Fresh float tensors from torch.empty/empty_like hold NaN, so an element a kernel forgot to write fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+    yield
