@@ -59,6 +59,9 @@ def cuda_buildable() -> bool:
 
 
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+# A JIT build runs where it was compiled, so it may use every instruction this CPU has;
+# AGIFORMER_KERNELS_CPU_ARCH overrides (an -march value), and prebuilt wheels stay generic.
+JIT_ARCH_FLAGS = [f"-march={os.environ.get('AGIFORMER_KERNELS_CPU_ARCH', 'native')}"]
 # at::parallel_for's OpenMP body is inlined from the header: without -fopenmp it runs serially.
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -106,7 +109,7 @@ def _load(op: str) -> None:
             name=f"agiformer_kernels_{op}_{'cuda' if with_cuda else 'cpu'}",
             sources=sources(op, with_cuda),
             extra_include_paths=[str(csrc_dir() / "common")],
-            extra_cflags=CXX_FLAGS + (["-DWITH_CUDA"] if with_cuda else []),
+            extra_cflags=CXX_FLAGS + JIT_ARCH_FLAGS + (["-DWITH_CUDA"] if with_cuda else []),
             extra_cuda_cflags=NVCC_FLAGS,
             extra_ldflags=LD_FLAGS,
             is_python_module=False,
