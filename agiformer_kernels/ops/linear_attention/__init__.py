@@ -1,0 +1,167 @@
+"""Causal linear attention (SPEC §1.1) and its one-token decode step."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ... import backends
+from ..common import check_float, check_index, check_same, check_shape
+from . import reference  # noqa: F401  (registers the "reference" backends)
+from .reference import State, acc_dtype
+
+FEATURE_MAPS = ("elu+1", "identity")
+
+
+def _check_options(feature_map: str, eps: float) -> None:
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def _check_state(name: str, state: object, n: int, H: int, D: int, Dv: int, dtype, device) -> State:
+    if not (isinstance(state, (tuple, list)) and len(state) == 2):
+        raise TypeError(f"{name} must be a tuple (S, z), got {type(state).__name__}")
+    S, z = state
+    check_float(f"{name}[0] (S)", S, 4)
+    check_float(f"{name}[1] (z)", z, 3)
+    check_shape(f"{name}[0] (S)", S, (n, H, D, Dv), "(N, H, D, Dv)")
+    check_shape(f"{name}[1] (z)", z, (n, H, D), "(N, H, D)")
+    for part, t in ((f"{name}[0] (S)", S), (f"{name}[1] (z)", z)):
+        if t.dtype != dtype:
+            raise TypeError(f"{part} must be {dtype} (the state dtype for these inputs), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{part} is on {t.device} but q is on {device}")
+    return S, z
+
+
+def _check_cu_seqlens(cu_seqlens: object, B: int, L: int, device) -> torch.Tensor:
+    check_index("cu_seqlens", cu_seqlens, 1)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs a packed batch of B = 1, got q with B = {B}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least 2 offsets, got {cu_seqlens.numel()}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if not torch.compiler.is_compiling():
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0 or last != L:
+            raise ValueError(f"cu_seqlens must run from 0 to L = {L}, got {first} .. {last}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    return cu_seqlens
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str = "elu+1",
+    feature_eps: float = 1e-4,
+    scale: Optional[float] = None,
+    eps: float = 1e-4,
+    normalize: bool = True,
+    initial_state: Optional[State] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Causal linear attention o_t = q̂_tᵀS_t / (q̂_tᵀz_t + eps) with q̂ = scale·φ(q), k̂ = φ(k).
+
+    Args:
+        q, k: [B, L, H, D]; v: [B, L, H, Dv] (one float dtype; views are fine).
+        feature_map: "elu+1" (φ(x) = elu(x) + 1 + feature_eps) or "identity".
+        scale: defaults to 1/√D.
+        normalize: divide by q̂_tᵀz_t + eps (else o_t = q̂_tᵀS_t).
+        initial_state: (S_0 [N, H, D, Dv], z_0 [N, H, D]) in fp32 (fp64 for fp64 inputs), N = B,
+            or the number of segments with ``cu_seqlens``.
+        output_final_state: also return (S_L, z_L), same shapes and dtype as the initial state.
+        cu_seqlens: int32 [n + 1] offsets of n independent segments in a packed batch of B = 1.
+        backend: None/"auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        o [B, L, H, Dv] in q's dtype, or (o, (S_L, z_L)) with ``output_final_state``.
+    """
+    check_float("q", q, 4)
+    check_float("k", k, 4)
+    check_float("v", v, 4)
+    check_same(("q", "k", "v"), (q, k, v), "dtype")
+    check_same(("q", "k", "v"), (q, k, v), "device")
+    B, L, H, D = q.shape
+    check_shape("k", k, (B, L, H, D), "q's [B, L, H, D]")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape [B, L, H, Dv] with q's B, L, H = {(B, L, H)}, got {tuple(v.shape)}")
+    Dv = v.shape[3]
+    _check_options(feature_map, eps)
+    n = B
+    if cu_seqlens is not None:
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, B, L, q.device)
+        n = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        initial_state = _check_state("initial_state", initial_state, n, H, D, Dv, acc_dtype(q.dtype), q.device)
+    kwargs = dict(
+        feature_map=feature_map,
+        feature_eps=float(feature_eps),
+        scale=float(1.0 / math.sqrt(D) if scale is None else scale),
+        eps=float(eps),
+        normalize=bool(normalize),
+        initial_state=initial_state,
+        output_final_state=bool(output_final_state),
+        cu_seqlens=cu_seqlens,
+    )
+    return backends.select("linear_attention", backend, q.device, q, k, v, **kwargs)(q, k, v, **kwargs)
+
+
+def linear_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: State,
+    *,
+    feature_map: str = "elu+1",
+    feature_eps: float = 1e-4,
+    scale: Optional[float] = None,
+    eps: float = 1e-4,
+    normalize: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """One decode step of ``linear_attention``: updates ``state`` in place, returns this token's output.
+
+    Args:
+        q, k: [B, H, D]; v: [B, H, Dv].
+        state: (S [B, H, D, Dv], z [B, H, D]) in fp32 (fp64 for fp64 inputs), e.g. the final state
+            of ``linear_attention(..., output_final_state=True)``; S += k̂vᵀ and z += k̂ in place.
+
+    Returns:
+        o [B, H, Dv] = q̂ᵀS / (q̂ᵀz + eps) in q's dtype (after the update). Inference only: no autograd.
+    """
+    check_float("q", q, 3)
+    check_float("k", k, 3)
+    check_float("v", v, 3)
+    check_same(("q", "k", "v"), (q, k, v), "dtype")
+    check_same(("q", "k", "v"), (q, k, v), "device")
+    B, H, D = q.shape
+    check_shape("k", k, (B, H, D), "q's [B, H, D]")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must have shape [B, H, Dv] with q's B, H = {(B, H)}, got {tuple(v.shape)}")
+    _check_options(feature_map, eps)
+    state = _check_state("state", state, B, H, D, v.shape[2], acc_dtype(q.dtype), q.device)
+    kwargs = dict(
+        feature_map=feature_map,
+        feature_eps=float(feature_eps),
+        scale=float(1.0 / math.sqrt(D) if scale is None else scale),
+        eps=float(eps),
+        normalize=bool(normalize),
+    )
+    with torch.no_grad():
+        fn = backends.select("linear_attention_step", backend, q.device, q, k, v, state, **kwargs)
+        return fn(q, k, v, state, **kwargs)
+
+
+__all__ = ["linear_attention", "linear_attention_step"]
