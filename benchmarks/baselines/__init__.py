@@ -1,0 +1,1 @@
+"""Implementations we measure against (not ours): the original AGIFORMER v1 model."""
