@@ -26,6 +26,7 @@ class Case:
     backward: bool = True  # time the backward pass too
     params: dict = field(default_factory=dict)  # the shape, for tables and plots (e.g. {"L": 2048})
     quick: bool = False  # part of the CPU-sized --quick run
+    sweep: bool = False  # part of --sweep: one op over a range of L, for the time/memory-vs-L plots
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+import warnings
+
+import pytest
+import torch
+
+from agiformer_kernels import backends
+from agiformer_kernels.backends import BackendError, register, select
+
+OP = "_test_double"
+
+
+def double_reference(x):
+    return x * 2
+
+
+def double_fast(x):
+    return x + x
+
+
+@pytest.fixture(autouse=True)
+def toy_op(monkeypatch):
+    """A toy op with a 'cpu' backend that declines float64 and a 'cuda' backend that never exists here."""
+    monkeypatch.setattr(backends, "_registry", {})
+    monkeypatch.setattr(backends, "_availability", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    register(OP, "reference", double_reference)
+    register(OP, "cpu", double_fast, check=lambda x: "float64 unsupported" if x.dtype == torch.float64 else None,
+             available=backends.device_is("cpu"))
+    register(OP, "cuda", double_fast, available=lambda d: "no GPU in this test")
+    yield
+
+
+def pick(x, backend=None):
+    return select(OP, backend, x.device, x)
+
+
+def test_auto_prefers_the_fast_backend():
+    assert pick(torch.ones(2)) is double_fast
+
+
+def test_auto_falls_back_with_one_warning():
+    x = torch.ones(2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="'cpu' cannot serve this call \\(float64 unsupported\\); using 'reference'"):
+        assert pick(x) is double_reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pick(x) is double_reference  # the second fallback is silent
+
+
+def test_explicit_backend_that_cannot_serve_raises():
+    with pytest.raises(BackendError, match="'cpu' cannot serve this call: float64 unsupported"):
+        pick(torch.ones(2, dtype=torch.float64), "cpu")
+    with pytest.raises(BackendError, match="no GPU in this test"):
+        pick(torch.ones(2), "cuda")
+    with pytest.raises(BackendError, match="has no 'triton' backend"):
+        pick(torch.ones(2), "triton")
+
+
+def test_unknown_backend_name_is_a_value_error(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pick(torch.ones(2), "fast")
+    monkeypatch.setenv(backends.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match="AGIFORMER_KERNELS_BACKEND must be one of"):
+        pick(torch.ones(2))
+
+
+def test_environment_variable_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert pick(torch.ones(2)) is double_reference
+    assert pick(torch.ones(2), "cpu") is double_fast  # an explicit argument wins
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(BackendError):
+        pick(torch.ones(2))
+
+
+def test_available_backends_reports_reasons():
+    report = backends.available_backends("cpu")[OP]
+    assert report == {
+        "reference": "available",
+        "cpu": "available",
+        "triton": "not implemented for this op",
+        "cuda": "no GPU in this test",
+    }
+
+
+def test_selection_traces_under_torch_compile():
+    def f(x):
+        return pick(x)(x).sin()
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.randn(5)
+    torch.testing.assert_close(compiled(x), (2 * x).sin())
+    x64 = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x64), (2 * x64).sin())  # guards on dtype, re-selects
