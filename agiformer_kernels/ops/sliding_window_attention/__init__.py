@@ -8,7 +8,7 @@ import torch
 
 from ... import backends
 from ..common import check_float, check_index, check_same, check_shape
-from . import reference  # noqa: F401  (registers the "reference" backends)
+from . import cpp, reference  # noqa: F401  (each registers its backends)
 from .reference import OP, STEP_OP
 
 
