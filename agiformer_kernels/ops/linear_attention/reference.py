@@ -120,49 +120,55 @@ def linear_attention_chunked(
     cu_seqlens: Optional[torch.Tensor],
     chunk: int = CHUNK,
 ):
-    """The same op with every chunk in one batched matmul and an exclusive cumsum over chunk states."""
+    """The same op with every chunk in one batched matmul and an exclusive cumsum over chunk states.
+
+    v gets a column of ones, so the normalizer rides along in every matmul: [S | z] is one state and
+    one product yields [q̂ᵀS | q̂ᵀz]. With ``normalize`` the scale cancels except against eps, so it
+    is applied as eps / scale instead of as a pass over q.
+    """
     B, L, H, D = q.shape
     Dv = v.shape[-1]
-    qh = feature(q, feature_map, feature_eps) * scale
+    qh = feature(q, feature_map, feature_eps)
     kh = feature(k, feature_map, feature_eps)
-    vv = v.to(qh.dtype)
+    v1 = F.pad(v.to(qh.dtype), (0, 1), value=1.0)
+    if normalize and scale != 0:
+        eps_over_scale = eps / scale
+    else:
+        qh = qh * scale
     if cu_seqlens is not None:
         length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-        qh, kh, vv = (_segments_to_batch(x, cu_seqlens, length) for x in (qh, kh, vv))
+        qh, kh, v1 = (_segments_to_batch(x, cu_seqlens, length) for x in (qh, kh, v1))
     else:
         length = L
     N = qh.shape[0]
     nc = max(1, -(-length // chunk))
     pad = nc * chunk - length
-    # Padded keys and values are zero, so they add nothing to any state.
-    qh, kh, vv = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (qh, kh, vv))
-    # [N, T, H, D] -> [N, H, nc, C, D]
-    qc, kc, vc = (x.view(N, nc, chunk, H, x.shape[-1]).permute(0, 3, 1, 2, 4) for x in (qh, kh, vv))
+    # [N, T, H, D] -> [N·H·nc, C, D], padded with zero keys, which add nothing to any state.
+    qc, kc, vc = (
+        F.pad(x.transpose(1, 2), (0, 0, 0, pad)).reshape(N * H * nc, chunk, x.shape[-1]) for x in (qh, kh, v1)
+    )
 
+    scores = torch.bmm(qc, kc.transpose(1, 2)).tril_()  # s <= t within the chunk
+    kv = torch.bmm(kc.transpose(1, 2), vc).view(N * H, nc, D, Dv + 1)  # chunk states [k̂ᵀv | Σk̂]
     if initial_state is None:
-        S0 = qc.new_zeros(N, H, 1, D, Dv)
-        z0 = qc.new_zeros(N, H, 1, D)
+        first = kv.new_zeros(N * H, 1, D, Dv + 1)
     else:
-        S0 = initial_state[0].to(qc.dtype)[:, :, None]
-        z0 = initial_state[1].to(qc.dtype)[:, :, None]
-
-    scores = torch.tril(qc @ kc.transpose(-1, -2))  # [N, H, nc, C, C], s <= t
-    kv = kc.transpose(-1, -2) @ vc  # [N, H, nc, D, Dv]
-    S_incl = torch.cumsum(torch.cat([S0, kv], dim=2), dim=2)  # S after chunk c is S_incl[:, :, c + 1]
-    num = scores @ vc + qc @ S_incl[:, :, :-1]
-    if normalize or output_final_state:
-        z_incl = torch.cumsum(torch.cat([z0, kc.sum(-2)], dim=2), dim=2)
+        S0, z0 = (t.to(kv.dtype) for t in initial_state)
+        first = torch.cat([S0, z0[..., None]], dim=-1).view(N * H, 1, D, Dv + 1)
+    S_prev = torch.cat([first, kv[:, :-1]], dim=1).cumsum(1)  # the state before each chunk
+    num = torch.baddbmm(torch.bmm(qc, S_prev.view(-1, D, Dv + 1)), scores, vc)
     if normalize:
-        den = scores.sum(-1) + (qc @ z_incl[:, :, :-1, :, None]).squeeze(-1) + eps
-        num = num / den[..., None]
-    o = num.permute(0, 2, 3, 1, 4).reshape(N, nc * chunk, H, Dv)[:, :length]
+        o = num[..., :Dv] / (num[..., Dv:] + (eps_over_scale if scale != 0 else eps))
+    else:
+        o = num[..., :Dv]
+    o = o.view(N, H, nc * chunk, Dv)[:, :, :length].transpose(1, 2)
     if cu_seqlens is not None:
         o = _batch_to_segments(o, cu_seqlens) if N else o.new_zeros(1, 0, H, Dv)
-    o = o.to(q.dtype)
+    o = o.to(q.dtype).contiguous()
     if not output_final_state:
         return o
-    state_dtype = acc_dtype(q.dtype)
-    return o, (S_incl[:, :, -1].to(state_dtype), z_incl[:, :, -1].to(state_dtype))
+    final = (S_prev[:, -1] + kv[:, -1]).view(N, H, D, Dv + 1).to(acc_dtype(q.dtype))
+    return o, (final[..., :Dv].contiguous(), final[..., Dv].contiguous())
 
 
 def linear_attention_step_reference(

@@ -1,0 +1,200 @@
+"""The C++ extension's linear-attention ops (csrc/linear_attention/), serving the "cpu" and "cuda" backends.
+
+``torch.ops.agiformer_kernels.linear_attention_fwd`` returns (o, den, S_L, z_L): den [B, H, L] is the
+per-token denominator q̂ᵀz + eps (empty without ``normalize``), kept for the backward, which then needs
+no state from the forward: ``linear_attention_bwd`` rebuilds the chunk states itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import backends
+from .reference import State, acc_dtype
+
+OP_LIB = "linear_attention"
+MAX_CUDA_HEAD_DIM = 128
+
+_registered = False
+
+
+def _register_python_side() -> None:
+    """Fake kernels and autograd for the C++ ops; they can only be attached once the library is loaded."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    @torch.library.register_fake("agiformer_kernels::linear_attention_fwd")
+    def _fwd_fake(q, k, v, S0, z0, cu_seqlens, feature_map, feature_eps, scale, eps, normalize):
+        B, L, H, D = q.shape
+        Dv = v.shape[-1]
+        n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        sdt = acc_dtype(q.dtype)
+        o = q.new_empty(B, L, H, Dv)
+        den = q.new_empty(B, H, L, dtype=sdt) if normalize else q.new_empty(0, dtype=sdt)
+        return o, den, q.new_empty(n, H, D, Dv, dtype=sdt), q.new_empty(n, H, D, dtype=sdt)
+
+    @torch.library.register_fake("agiformer_kernels::linear_attention_bwd")
+    def _bwd_fake(do, dS, dz, q, k, v, o, den, S0, z0, cu_seqlens, feature_map, feature_eps, scale, eps, normalize):
+        B, L, H, D = q.shape
+        Dv = v.shape[-1]
+        n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        sdt = acc_dtype(q.dtype)
+        return (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty(n, H, D, Dv, dtype=sdt),
+            q.new_empty(n, H, D, dtype=sdt),
+        )
+
+    @torch.library.register_fake("agiformer_kernels::linear_attention_step")
+    def _step_fake(q, k, v, S, z, feature_map, feature_eps, scale, eps, normalize):
+        return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, S0, z0, cu_seqlens, feature_map, feature_eps, scale, eps, normalize = inputs
+        o, den, _, _ = output
+        ctx.save_for_backward(q, k, v, o, den, S0, z0, cu_seqlens)
+        ctx.options = (feature_map, feature_eps, scale, eps, normalize)
+        ctx.has_state = S0 is not None
+
+    def backward(ctx, do, dden, dS, dz):
+        q, k, v, o, den, S0, z0, cu_seqlens = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv, dS0, dz0 = torch.ops.agiformer_kernels.linear_attention_bwd(
+            _last_contiguous(do),
+            None if dS is None else dS.contiguous(),
+            None if dz is None else dz.contiguous(),
+            q,
+            k,
+            v,
+            o,
+            den,
+            S0,
+            z0,
+            cu_seqlens,
+            *ctx.options,
+        )
+        if not ctx.has_state:
+            dS0 = dz0 = None
+        return dq, dk, dv, dS0, dz0, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "agiformer_kernels::linear_attention_fwd", backward, setup_context=setup_context
+    )
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but need unit stride along the head dim (true of projection slices)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def linear_attention_cpp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str,
+    feature_eps: float,
+    scale: float,
+    eps: float,
+    normalize: bool,
+    initial_state: Optional[State],
+    output_final_state: bool,
+    cu_seqlens: Optional[torch.Tensor],
+):
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = (t.contiguous() for t in initial_state)
+    o, _, S, z = torch.ops.agiformer_kernels.linear_attention_fwd(
+        _last_contiguous(q),
+        _last_contiguous(k),
+        _last_contiguous(v),
+        S0,
+        z0,
+        cu_seqlens,
+        feature_map,
+        feature_eps,
+        scale,
+        eps,
+        normalize,
+    )
+    return (o, (S, z)) if output_final_state else o
+
+
+def linear_attention_step_cpp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: State,
+    *,
+    feature_map: str,
+    feature_eps: float,
+    scale: float,
+    eps: float,
+    normalize: bool,
+) -> torch.Tensor:
+    S, z = state
+    return torch.ops.agiformer_kernels.linear_attention_step(
+        _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), S, z, feature_map, feature_eps, scale, eps, normalize
+    )
+
+
+def _check_step_state(q, k, v, state, **kwargs) -> Optional[str]:
+    S, z = state
+    if not (S.is_contiguous() and z.is_contiguous()):
+        return "the state (S, z) must be contiguous to be updated in place"
+    return None
+
+
+def _check_cuda(q, k, v, *args, **kwargs) -> Optional[str]:
+    if q.shape[-1] > MAX_CUDA_HEAD_DIM or v.shape[-1] > MAX_CUDA_HEAD_DIM:
+        return f"the CUDA kernels take head dims up to {MAX_CUDA_HEAD_DIM}, got D = {q.shape[-1]}, Dv = {v.shape[-1]}"
+    return None
+
+
+def _check_cuda_step(q, k, v, state, **kwargs) -> Optional[str]:
+    return _check_cuda(q, k, v) or _check_step_state(q, k, v, state)
+
+
+def _available(kernel: str, device_type: str):
+    extension_available = backends.extension_kernel(OP_LIB, kernel, device_type)
+
+    def available(actual: str) -> Optional[str]:
+        reason = extension_available(actual)
+        if reason is None:
+            _register_python_side()
+        return reason
+
+    return available
+
+
+backends.register(
+    "linear_attention", "cpu", linear_attention_cpp, available=_available("linear_attention_fwd", "cpu")
+)
+backends.register(
+    "linear_attention_step",
+    "cpu",
+    linear_attention_step_cpp,
+    check=_check_step_state,
+    available=_available("linear_attention_step", "cpu"),
+)
+backends.register(
+    "linear_attention",
+    "cuda",
+    linear_attention_cpp,
+    check=_check_cuda,
+    available=_available("linear_attention_fwd", "cuda"),
+)
+backends.register(
+    "linear_attention_step",
+    "cuda",
+    linear_attention_step_cpp,
+    check=_check_cuda_step,
+    available=_available("linear_attention_step", "cuda"),
+)

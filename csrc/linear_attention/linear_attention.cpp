@@ -1,0 +1,638 @@
+// Causal linear attention (SPEC §1.1): schema and CPU kernels (forward, backward, decode step).
+//
+// One work item is one (sequence or cu_seqlens segment, head), walked chunk by chunk (C = 64 tokens),
+// items spread over threads with at::parallel_for. The chunk's q̂, k̂, v (feature map and scale applied
+// on load), its C×C scores and the running D×Dv state S and normalizer z live in thread-local buffers
+// (~100 KiB at D = 64: L2-resident); the products are register-tiled small GEMMs that skip the masked
+// half of every causal C×C block; only the output and the per-token denominators (B·H·L values, kept
+// for the backward) are written back.
+// The backward never stores states: pass 1 walks forward rebuilding S, z for dq; pass 2 walks
+// backward accumulating dS = Σ q̂ dnumᵀ, dz = Σ q̂ dden for dk, dv.
+// Accumulation and state are fp32 (fp64 for double inputs) whatever the input dtype.
+
+// The register tiles are written as a·b + c: let GCC fuse them into FMAs even in ISO C++ mode.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
+#elif defined(__clang__)
+#pragma clang fp contract(fast)
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+
+namespace agf_linear_attention {
+
+constexpr int64_t kChunk = 64;
+
+// ---- Small GEMMs on thread-local blocks -------------------------------------------------------
+// C[m×n] (+)= A[m×k]·B[k×n] with B and C row-major and A addressed as A[i·sa_i + p·sa_p], so a
+// transposed A costs nothing. n is padded to whole vectors (the buffers' pad columns are zero).
+// Register tile: MR = 4 rows × up to 4 vectors (64 floats, 32 doubles), 16 accumulators; per step
+// of p it loads one row of B and broadcasts MR values of A. GCC/Clang vector extensions compile
+// to AVX-512 under -march=native and to narrower units elsewhere.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, const typename Vec<T>::type& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Which part of a product a causal chunk needs, per block of rows [i0, i0 + MR):
+enum class Part {
+  Full,       // everything
+  CausalOut,  // output columns j <= i only (then masked by the caller): columns < i0 + MR
+  LowerK,     // A is lower triangular in (i, p): p < i0 + MR
+  UpperK,     // A is upper triangular in (i, p): p >= i0
+};
+
+template <typename T, int MR, int NV>
+inline void gemm_tile(int64_t p0, int64_t p1, const T* __restrict__ A, int64_t sa_i, int64_t sa_p,
+                      const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = accumulate ? vload(C + i * ldc + v * W) : V{};
+  for (int64_t p = p0; p < p1; ++p) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + p * ldb + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const T a = A[i * sa_i + p * sa_p];
+      for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * W, c[i][v]);
+}
+
+template <typename T, int MR>
+inline void gemm_rows(int64_t ncols, int64_t p0, int64_t p1, const T* A, int64_t sa_i, int64_t sa_p, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int W = Vec<T>::W;
+  for (int64_t j0 = 0; j0 < ncols; j0 += 4 * W) {
+    switch (std::min<int64_t>(4, (ncols - j0) / W)) {
+      case 4: gemm_tile<T, MR, 4>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
+      case 3: gemm_tile<T, MR, 3>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
+      case 2: gemm_tile<T, MR, 2>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
+      default: gemm_tile<T, MR, 1>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
+    }
+  }
+}
+
+// C[m×n] (+)= A·B over the part of the product that `part` says is needed; n a multiple of Vec<T>::W.
+template <typename T>
+void gemm(Part part, int64_t m, int64_t n, int64_t k, const T* A, int64_t sa_i, int64_t sa_p, const T* B,
+          int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int MR = 4, W = Vec<T>::W;
+  for (int64_t i0 = 0; i0 < m; i0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, m - i0);
+    int64_t p0 = 0, p1 = k, ncols = n;
+    if (part == Part::CausalOut) ncols = std::min(n, round_up(i0 + rows, W));
+    if (part == Part::LowerK) p1 = std::min(k, i0 + rows);
+    if (part == Part::UpperK) p0 = i0;
+    const T* Ai = A + i0 * sa_i;
+    T* Ci = C + i0 * ldc;
+    switch (rows) {
+      case 4: gemm_rows<T, 4>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
+      case 3: gemm_rows<T, 3>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
+      case 2: gemm_rows<T, 2>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
+      default: gemm_rows<T, 1>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
+    }
+  }
+}
+
+// exp for x <= 0 in fp32, branch-free so loops over it vectorize (Cephes polynomial, ~1 ulp);
+// below -87 it returns exp(-87), which φ's + feature_eps and φ' absorb.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return p * two_n;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+struct Params {
+  bool elu;  // feature map elu+1 (else identity)
+  double feature_eps, scale, eps;
+  bool normalize;
+};
+
+// φ(x)·mul for one row of n values: elu(x) + 1 + feature_eps = x + 1 + feature_eps (x > 0), exp(x) + feature_eps.
+template <typename scalar_t, typename T>
+inline void load_feature(const scalar_t* __restrict__ x, T* __restrict__ out, int64_t n, bool elu, T feps, T mul) {
+  if (elu) {
+    for (int64_t d = 0; d < n; ++d) {
+      const T xv = static_cast<T>(x[d]);
+      const T e = exp_nonpositive(std::min(xv, T(0)));
+      out[d] = mul * (xv > T(0) ? xv + T(1) + feps : e + feps);
+    }
+  } else {
+    for (int64_t d = 0; d < n; ++d) out[d] = mul * static_cast<T>(x[d]);
+  }
+}
+
+// out = g·mul·φ'(x), φ'(x) = 1 (x > 0), exp(x) (x <= 0) for elu+1.
+template <typename scalar_t, typename T>
+inline void store_feature_grad(const T* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                               int64_t n, bool elu, T mul) {
+  if (elu) {
+    for (int64_t d = 0; d < n; ++d) {
+      const T xv = static_cast<T>(x[d]);
+      const T e = exp_nonpositive(std::min(xv, T(0)));
+      out[d] = static_cast<scalar_t>(g[d] * mul * (xv > T(0) ? T(1) : e));
+    }
+  } else {
+    for (int64_t d = 0; d < n; ++d) out[d] = static_cast<scalar_t>(g[d] * mul);
+  }
+}
+
+// Where one work item's tokens and state live.
+struct Item {
+  int64_t b;      // batch row of q/k/v (0 with cu_seqlens)
+  int64_t h;      // head
+  int64_t seq;    // index into the states' leading dim
+  int64_t start;  // first token
+  int64_t len;    // tokens
+};
+
+inline Item item_of(int64_t i, int64_t H, int64_t L, const int32_t* cu) {
+  const int64_t seq = i / H, h = i % H;
+  if (cu == nullptr) return {seq, h, seq, 0, L};
+  return {0, h, seq, cu[seq], cu[seq + 1] - cu[seq]};
+}
+
+// Strided [B, L, H, D] rows (last dim contiguous).
+template <typename scalar_t>
+struct Rows {
+  scalar_t* ptr;
+  int64_t sb, sl, sh;
+  Rows(const at::Tensor& t)
+      : ptr(t.data_ptr<scalar_t>()), sb(t.stride(0)), sl(t.stride(1)), sh(t.stride(2)) {}
+  scalar_t* row(const Item& it, int64_t t) const { return ptr + it.b * sb + (it.start + t) * sl + it.h * sh; }
+};
+
+// One chunk's q̂, k̂ [C × Dp] and v [C × Dvp] (row-major), k̂ᵀ [Dp × C], vᵀ [Dvp × C]; the column
+// pads stay zero, and rows past a short last chunk are never read by the products (k = n).
+template <typename scalar_t, typename T>
+struct Chunk {
+  int64_t D, Dv, Dp, Dvp;
+  std::vector<T> q, k, kt, v, vt;
+  Chunk(int64_t D_, int64_t Dv_)
+      : D(D_), Dv(Dv_), Dp(round_up(D_, Vec<T>::W)), Dvp(round_up(Dv_, Vec<T>::W)),
+        q(kChunk * Dp), k(kChunk * Dp), kt(Dp * kChunk), v(kChunk * Dvp), vt(Dvp * kChunk) {}
+
+  void load(const Rows<scalar_t>& Q, const Rows<scalar_t>& K, const Rows<scalar_t>& V, const Item& it, int64_t t0,
+            int64_t n, const Params& p) {
+    const T feps = static_cast<T>(p.feature_eps), scale = static_cast<T>(p.scale);
+    for (int64_t t = 0; t < n; ++t) {
+      load_feature(Q.row(it, t0 + t), &q[t * Dp], D, p.elu, feps, scale);
+      load_feature(K.row(it, t0 + t), &k[t * Dp], D, p.elu, feps, T(1));
+      const scalar_t* vr = V.row(it, t0 + t);
+      for (int64_t j = 0; j < Dv; ++j) v[t * Dvp + j] = static_cast<T>(vr[j]);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = k[t * Dp + d];
+      for (int64_t j = 0; j < Dv; ++j) vt[j * kChunk + t] = v[t * Dvp + j];
+    }
+  }
+};
+
+// Zero the strictly upper triangle (s > t) of a chunk's C×C block (row stride C).
+template <typename T>
+inline void mask_upper(T* A, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) std::fill(A + t * kChunk + t + 1, A + (t + 1) * kChunk, T(0));
+}
+
+// z[d] += Σ_t x[t, d] over n rows of stride ld.
+template <typename T>
+inline void add_column_sums(T* __restrict__ z, const T* __restrict__ x, int64_t n, int64_t D, int64_t ld) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < D; ++d) z[d] += x[t * ld + d];
+}
+
+// Padded [Dp × Dvp] (or its transpose [Dvp × Dp]) <- [D × Dv], or zeros.
+template <typename T>
+inline void load_matrix(T* dst, const T* src, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp, bool transpose) {
+  std::fill(dst, dst + Dp * Dvp, T(0));
+  if (src == nullptr) return;
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < Dv; ++j) (transpose ? dst[j * Dp + d] : dst[d * Dvp + j]) = src[d * Dv + j];
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* S0,
+                    const at::Tensor* z0, const int32_t* cu, int64_t n_seq, const Params& p, at::Tensor& o,
+                    at::Tensor& den, at::Tensor& S_out, at::Tensor& z_out) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int64_t C = kChunk, W = Vec<T>::W;
+  const int64_t H = q.size(2), L = q.size(1), D = q.size(3), Dv = v.size(3);
+  const Rows<scalar_t> Q(q), K(k), V(v), O(o);
+  T* den_ptr = p.normalize ? den.data_ptr<T>() : nullptr;
+  T* S_ptr = S_out.data_ptr<T>();
+  T* z_ptr = z_out.data_ptr<T>();
+  const T* S0_ptr = S0 ? S0->data_ptr<T>() : nullptr;
+  const T* z0_ptr = z0 ? z0->data_ptr<T>() : nullptr;
+  const T eps = static_cast<T>(p.eps);
+
+  at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
+    Chunk<scalar_t, T> ch(D, Dv);
+    const int64_t Dp = ch.Dp, Dvp = ch.Dvp;
+    std::vector<T> A(C * C), num(C * Dvp), S(Dp * Dvp), z(Dp);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item it = item_of(i, H, L, cu);
+      load_matrix(S.data(), S0_ptr ? S0_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, false);
+      std::fill(z.begin(), z.end(), T(0));
+      if (z0_ptr) std::copy(z0_ptr + i * D, z0_ptr + (i + 1) * D, z.begin());
+      for (int64_t t0 = 0; t0 < it.len; t0 += C) {
+        const int64_t n = std::min(C, it.len - t0);
+        ch.load(Q, K, V, it, t0, n, p);
+        gemm(Part::CausalOut, n, round_up(n, W), D, ch.q.data(), Dp, 1, ch.kt.data(), C, A.data(), C, false);
+        mask_upper(A.data(), n);
+        gemm(Part::Full, n, Dvp, D, ch.q.data(), Dp, 1, S.data(), Dvp, num.data(), Dvp, false);  // earlier chunks
+        gemm(Part::LowerK, n, Dvp, n, A.data(), C, 1, ch.v.data(), Dvp, num.data(), Dvp, true);  // this chunk
+        for (int64_t t = 0; t < n; ++t) {
+          scalar_t* out = O.row(it, t0 + t);
+          const T* nr = &num[t * Dvp];
+          if (p.normalize) {
+            T d = eps;
+            for (int64_t s = 0; s <= t; ++s) d += A[t * C + s];
+            for (int64_t c = 0; c < D; ++c) d += ch.q[t * Dp + c] * z[c];
+            den_ptr[(it.b * H + it.h) * L + it.start + t0 + t] = d;
+            const T inv = T(1) / d;
+            for (int64_t j = 0; j < Dv; ++j) out[j] = static_cast<scalar_t>(nr[j] * inv);
+          } else {
+            for (int64_t j = 0; j < Dv; ++j) out[j] = static_cast<scalar_t>(nr[j]);
+          }
+        }
+        gemm(Part::Full, D, Dvp, n, ch.kt.data(), C, 1, ch.v.data(), Dvp, S.data(), Dvp, true);  // S += k̂ᵀv
+        add_column_sums(z.data(), ch.k.data(), n, D, Dp);
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        std::copy(&S[d * Dvp], &S[d * Dvp] + Dv, S_ptr + (i * D + d) * Dv);
+        z_ptr[i * D + d] = z[d];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::Tensor* dz_in, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& den,
+                     const at::Tensor* S0, const at::Tensor* z0, const int32_t* cu, int64_t n_seq, const Params& p,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dS0, at::Tensor& dz0) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int64_t C = kChunk, W = Vec<T>::W;
+  const int64_t H = q.size(2), L = q.size(1), D = q.size(3), Dv = v.size(3);
+  const Rows<scalar_t> Q(q), K(k), V(v), O(o), dO(dout), dQ(dq), dK(dk), dV(dv);
+  const T* den_ptr = p.normalize ? den.data_ptr<T>() : nullptr;
+  const T* S0_ptr = S0 ? S0->data_ptr<T>() : nullptr;
+  const T* z0_ptr = z0 ? z0->data_ptr<T>() : nullptr;
+  const T* dS_in_ptr = dS_in ? dS_in->data_ptr<T>() : nullptr;
+  const T* dz_in_ptr = dz_in ? dz_in->data_ptr<T>() : nullptr;
+  T* dS_ptr = dS0.data_ptr<T>();
+  T* dz_ptr = dz0.data_ptr<T>();
+  const T scale = static_cast<T>(p.scale);
+
+  at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
+    Chunk<scalar_t, T> ch(D, Dv);
+    const int64_t Dp = ch.Dp, Dvp = ch.Dvp;
+    // G = dnum = do/den [C × Dvp], g = dden = -(do·o)/den; A scores, Bm their gradient [C × C];
+    // St = Sᵀ for pass 1; dS and dSt = dSᵀ for pass 2.
+    std::vector<T> G(C * Dvp), g(C), A(C * C), Bm(C * C), gq(C * Dp), gv(C * Dvp);
+    std::vector<T> St(Dvp * Dp), z(Dp), dS(Dp * Dvp), dSt(Dvp * Dp), dz(Dp);
+
+    auto load_grads = [&](const Item& it, int64_t t0, int64_t n) {
+      for (int64_t t = 0; t < n; ++t) {
+        const scalar_t* dor = dO.row(it, t0 + t);
+        T* Gr = &G[t * Dvp];
+        if (p.normalize) {
+          const scalar_t* orow = O.row(it, t0 + t);
+          const T inv = T(1) / den_ptr[(it.b * H + it.h) * L + it.start + t0 + t];
+          T dot = 0;
+          for (int64_t j = 0; j < Dv; ++j) {
+            const T d = static_cast<T>(dor[j]);
+            Gr[j] = d * inv;
+            dot += d * static_cast<T>(orow[j]);
+          }
+          g[t] = -dot * inv;
+        } else {
+          for (int64_t j = 0; j < Dv; ++j) Gr[j] = static_cast<T>(dor[j]);
+        }
+      }
+    };
+    // Bm[t, s] = dnum_t·v_s + dden_t for s <= t, else 0: the gradient of the masked scores.
+    auto score_grads = [&](int64_t n) {
+      gemm(Part::CausalOut, n, round_up(n, W), Dv, G.data(), Dvp, 1, ch.vt.data(), C, Bm.data(), C, false);
+      mask_upper(Bm.data(), n);
+      if (p.normalize)
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t s = 0; s <= t; ++s) Bm[t * C + s] += g[t];
+    };
+
+    for (int64_t i = begin; i < end; ++i) {
+      const Item it = item_of(i, H, L, cu);
+      // Pass 1, forward in time: dq̂_t = S_t·dnum_t + dden_t·z_t, S and z rebuilt chunk by chunk.
+      load_matrix(St.data(), S0_ptr ? S0_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, true);
+      std::fill(z.begin(), z.end(), T(0));
+      if (z0_ptr) std::copy(z0_ptr + i * D, z0_ptr + (i + 1) * D, z.begin());
+      for (int64_t t0 = 0; t0 < it.len; t0 += C) {
+        const int64_t n = std::min(C, it.len - t0);
+        ch.load(Q, K, V, it, t0, n, p);
+        load_grads(it, t0, n);
+        score_grads(n);
+        gemm(Part::LowerK, n, Dp, n, Bm.data(), C, 1, ch.k.data(), Dp, gq.data(), Dp, false);  // Bm k̂
+        gemm(Part::Full, n, Dp, Dv, G.data(), Dvp, 1, St.data(), Dp, gq.data(), Dp, true);     // dnum Sᵀ
+        for (int64_t t = 0; t < n; ++t) {
+          T* gr = &gq[t * Dp];
+          if (p.normalize)
+            for (int64_t d = 0; d < D; ++d) gr[d] += g[t] * z[d];
+          store_feature_grad(gr, Q.row(it, t0 + t), dQ.row(it, t0 + t), D, p.elu, scale);
+        }
+        gemm(Part::Full, Dv, Dp, n, ch.vt.data(), C, 1, ch.k.data(), Dp, St.data(), Dp, true);  // Sᵀ += vᵀk̂
+        add_column_sums(z.data(), ch.k.data(), n, D, Dp);
+      }
+      // Pass 2, backward in time: dS, dz collect the later tokens' q̂ dnumᵀ and q̂ dden.
+      load_matrix(dS.data(), dS_in_ptr ? dS_in_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, false);
+      load_matrix(dSt.data(), dS_in_ptr ? dS_in_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, true);
+      std::fill(dz.begin(), dz.end(), T(0));
+      if (dz_in_ptr) std::copy(dz_in_ptr + i * D, dz_in_ptr + (i + 1) * D, dz.begin());
+      const int64_t n_chunks = (it.len + C - 1) / C;
+      for (int64_t c = n_chunks - 1; c >= 0; --c) {
+        const int64_t t0 = c * C, n = std::min(C, it.len - t0);
+        ch.load(Q, K, V, it, t0, n, p);
+        load_grads(it, t0, n);
+        score_grads(n);
+        gemm(Part::CausalOut, n, round_up(n, W), D, ch.q.data(), Dp, 1, ch.kt.data(), C, A.data(), C, false);
+        mask_upper(A.data(), n);
+        gemm(Part::UpperK, n, Dp, n, Bm.data(), 1, C, ch.q.data(), Dp, gq.data(), Dp, false);   // Bmᵀ q̂
+        gemm(Part::Full, n, Dp, Dv, ch.v.data(), Dvp, 1, dSt.data(), Dp, gq.data(), Dp, true);  // v dSᵀ
+        gemm(Part::UpperK, n, Dvp, n, A.data(), 1, C, G.data(), Dvp, gv.data(), Dvp, false);    // Aᵀ dnum
+        gemm(Part::Full, n, Dvp, D, ch.k.data(), Dp, 1, dS.data(), Dvp, gv.data(), Dvp, true);  // k̂ dS
+        for (int64_t t = 0; t < n; ++t) {
+          T* gk = &gq[t * Dp];
+          for (int64_t d = 0; d < D; ++d) gk[d] += dz[d];
+          store_feature_grad(gk, K.row(it, t0 + t), dK.row(it, t0 + t), D, p.elu, T(1));
+          scalar_t* dvr = dV.row(it, t0 + t);
+          for (int64_t j = 0; j < Dv; ++j) dvr[j] = static_cast<scalar_t>(gv[t * Dvp + j]);
+        }
+        gemm(Part::Full, D, Dvp, n, ch.q.data(), 1, Dp, G.data(), Dvp, dS.data(), Dvp, true);  // dS += q̂ᵀ dnum
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < Dv; ++j) dSt[j * Dp + d] = dS[d * Dvp + j];
+        if (p.normalize)
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t d = 0; d < D; ++d) dz[d] += ch.q[t * Dp + d] * g[t];
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        std::copy(&dS[d * Dvp], &dS[d * Dvp] + Dv, dS_ptr + (i * D + d) * Dv);
+        dz_ptr[i * D + d] = dz[d];
+      }
+    }
+  });
+}
+
+Params make_params(const std::string& feature_map, double feature_eps, double scale, double eps, bool normalize) {
+  TORCH_CHECK(feature_map == "elu+1" || feature_map == "identity",
+              "feature_map must be 'elu+1' or 'identity', got ", feature_map);
+  return {feature_map == "elu+1", feature_eps, scale, eps, normalize};
+}
+
+at::ScalarType state_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  AGF_CHECK_DIM(q, 4);
+  AGF_CHECK_DIM(k, 4);
+  AGF_CHECK_DIM(v, 4);
+  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
+              "v must have q's B, L, H");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    AGF_CHECK_DEVICE(*t, at::kCPU);
+    AGF_CHECK_DTYPE(*t, q.scalar_type());
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "q, k, v must have a contiguous last dimension");
+  }
+}
+
+// The number of independent sequences (B, or segments), after checking cu_seqlens.
+int64_t sequences(const at::Tensor& q, const std::optional<at::Tensor>& cu_seqlens) {
+  if (!cu_seqlens) return q.size(0);
+  AGF_CHECK_DTYPE(*cu_seqlens, at::kInt);
+  AGF_CHECK_DIM(*cu_seqlens, 1);
+  AGF_CHECK_CONTIGUOUS(*cu_seqlens);
+  TORCH_CHECK(q.size(0) == 1, "cu_seqlens needs B = 1");
+  return cu_seqlens->size(0) - 1;
+}
+
+void check_state(const std::optional<at::Tensor>& S, const std::optional<at::Tensor>& z, int64_t n, const at::Tensor& q,
+                 int64_t Dv) {
+  TORCH_CHECK(S.has_value() == z.has_value(), "S and z come together");
+  if (!S) return;
+  const auto dt = state_dtype(q);
+  AGF_CHECK_DTYPE(*S, dt);
+  AGF_CHECK_DTYPE(*z, dt);
+  AGF_CHECK_CONTIGUOUS(*S);
+  AGF_CHECK_CONTIGUOUS(*z);
+  TORCH_CHECK(S->sizes() == at::IntArrayRef({n, q.size(2), q.size(3), Dv}), "S must be (N, H, D, Dv)");
+  TORCH_CHECK(z->sizes() == at::IntArrayRef({n, q.size(2), q.size(3)}), "z must be (N, H, D)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& S0,
+    const std::optional<at::Tensor>& z0, const std::optional<at::Tensor>& cu_seqlens, c10::string_view feature_map,
+    double feature_eps, double scale, double eps, bool normalize) {
+  check_inputs(q, k, v);
+  const int64_t n_seq = sequences(q, cu_seqlens);
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3), Dv = v.size(3);
+  check_state(S0, z0, n_seq, q, Dv);
+  const Params p = make_params(std::string(feature_map), feature_eps, scale, eps, normalize);
+  const auto sdt = q.options().dtype(state_dtype(q));
+  at::Tensor o = at::empty({B, L, H, Dv}, q.options());
+  at::Tensor den = normalize ? at::empty({B, H, L}, sdt) : at::empty({0}, sdt);
+  at::Tensor S = at::empty({n_seq, H, D, Dv}, sdt);
+  at::Tensor z = at::empty({n_seq, H, D}, sdt);
+  const int32_t* cu = cu_seqlens ? cu_seqlens->data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_fwd_cpu", [&] {
+    forward_kernel<scalar_t>(q, k, v, S0 ? &*S0 : nullptr, z0 ? &*z0 : nullptr, cu, n_seq, p, o, den, S, z);
+  });
+  return {o, den, S, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dS, const std::optional<at::Tensor>& dz,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& den,
+    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0,
+    const std::optional<at::Tensor>& cu_seqlens, c10::string_view feature_map, double feature_eps, double scale,
+    double eps, bool normalize) {
+  check_inputs(q, k, v);
+  const int64_t n_seq = sequences(q, cu_seqlens);
+  const int64_t H = q.size(2), D = q.size(3), Dv = v.size(3);
+  check_state(S0, z0, n_seq, q, Dv);
+  const auto sdt = state_dtype(q);
+  for (const at::Tensor* t : {&dout, &o}) {
+    TORCH_CHECK(t->sizes() == v.sizes(), "do and o must have v's shape");
+    AGF_CHECK_DTYPE(*t, q.scalar_type());
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "do and o must have a contiguous last dimension");
+  }
+  if (normalize) {
+    AGF_CHECK_DTYPE(den, sdt);
+    AGF_CHECK_CONTIGUOUS(den);
+    TORCH_CHECK(den.sizes() == at::IntArrayRef({q.size(0), H, q.size(1)}), "den must be (B, H, L)");
+  }
+  if (dS) {
+    AGF_CHECK_DTYPE(*dS, sdt);
+    AGF_CHECK_CONTIGUOUS(*dS);
+    TORCH_CHECK(dS->sizes() == at::IntArrayRef({n_seq, H, D, Dv}), "dS must be (N, H, D, Dv)");
+  }
+  if (dz) {
+    AGF_CHECK_DTYPE(*dz, sdt);
+    AGF_CHECK_CONTIGUOUS(*dz);
+    TORCH_CHECK(dz->sizes() == at::IntArrayRef({n_seq, H, D}), "dz must be (N, H, D)");
+  }
+  const Params p = make_params(std::string(feature_map), feature_eps, scale, eps, normalize);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dS0 = at::empty({n_seq, H, D, Dv}, q.options().dtype(sdt));
+  at::Tensor dz0 = at::empty({n_seq, H, D}, q.options().dtype(sdt));
+  const int32_t* cu = cu_seqlens ? cu_seqlens->data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_bwd_cpu", [&] {
+    backward_kernel<scalar_t>(dout, dS ? &*dS : nullptr, dz ? &*dz : nullptr, q, k, v, o, den, S0 ? &*S0 : nullptr,
+                              z0 ? &*z0 : nullptr, cu, n_seq, p, dq, dk, dv, dS0, dz0);
+  });
+  return {dq, dk, dv, dS0, dz0};
+}
+
+// One token for B·H independent (S, z): S += k̂vᵀ, z += k̂, o = q̂ᵀS / (q̂ᵀz + eps), S read once.
+template <typename scalar_t>
+void step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& S, at::Tensor& z,
+                 const Params& p, at::Tensor& o) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Dv = v.size(2);
+  const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), ksb = k.stride(0), ksh = k.stride(1);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1);
+  T* Sp = S.data_ptr<T>();
+  T* zp = z.data_ptr<T>();
+  scalar_t* op = o.data_ptr<scalar_t>();
+  const T feps = static_cast<T>(p.feature_eps), scale = static_cast<T>(p.scale), eps = static_cast<T>(p.eps);
+  // Threads pay off only once a call moves a few hundred KiB of state.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D * Dv));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> qh(D), kh(D), vv(Dv), num(Dv);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      load_feature(qp + b * qsb + h * qsh, qh.data(), D, p.elu, feps, scale);
+      load_feature(kp + b * ksb + h * ksh, kh.data(), D, p.elu, feps, T(1));
+      const scalar_t* vr = vp + b * vsb + h * vsh;
+      for (int64_t j = 0; j < Dv; ++j) vv[j] = static_cast<T>(vr[j]);
+      T* Si = Sp + i * D * Dv;
+      T* zi = zp + i * D;
+      std::fill(num.begin(), num.end(), T(0));
+      T den = eps;
+      for (int64_t d = 0; d < D; ++d) {
+        T* row = Si + d * Dv;
+        const T kd = kh[d], qd = qh[d];
+        for (int64_t j = 0; j < Dv; ++j) {
+          row[j] += kd * vv[j];
+          num[j] += qd * row[j];
+        }
+        zi[d] += kd;
+        den += qd * zi[d];
+      }
+      const T inv = p.normalize ? T(1) / den : T(1);
+      scalar_t* out = op + i * Dv;
+      for (int64_t j = 0; j < Dv; ++j) out[j] = static_cast<scalar_t>(num[j] * inv);
+    }
+  });
+}
+
+at::Tensor linear_attention_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& S,
+                                     at::Tensor& z, c10::string_view feature_map, double feature_eps, double scale,
+                                     double eps, bool normalize) {
+  AGF_CHECK_DIM(q, 3);
+  AGF_CHECK_DIM(k, 3);
+  AGF_CHECK_DIM(v, 3);
+  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1), "v must have q's B, H");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    AGF_CHECK_DEVICE(*t, at::kCPU);
+    AGF_CHECK_DTYPE(*t, q.scalar_type());
+    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == 1, "q, k, v must have a contiguous last dimension");
+  }
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Dv = v.size(2);
+  const auto sdt = state_dtype(q);
+  AGF_CHECK_DTYPE(S, sdt);
+  AGF_CHECK_DTYPE(z, sdt);
+  AGF_CHECK_CONTIGUOUS(S);
+  AGF_CHECK_CONTIGUOUS(z);
+  TORCH_CHECK(S.sizes() == at::IntArrayRef({B, H, D, Dv}), "S must be (B, H, D, Dv)");
+  TORCH_CHECK(z.sizes() == at::IntArrayRef({B, H, D}), "z must be (B, H, D)");
+  const Params p = make_params(std::string(feature_map), feature_eps, scale, eps, normalize);
+  at::Tensor o = at::empty({B, H, Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_step_cpu",
+                                  [&] { step_kernel<scalar_t>(q, k, v, S, z, p, o); });
+  return o;
+}
+
+}  // namespace agf_linear_attention
+
+TORCH_LIBRARY_FRAGMENT(agiformer_kernels, m) {
+  m.def(
+      "linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, Tensor? cu_seqlens, "
+      "str feature_map, float feature_eps, float scale, float eps, bool normalize) "
+      "-> (Tensor o, Tensor den, Tensor S, Tensor z)");
+  m.def(
+      "linear_attention_bwd(Tensor do, Tensor? dS, Tensor? dz, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, "
+      "Tensor? S0, Tensor? z0, Tensor? cu_seqlens, str feature_map, float feature_eps, float scale, float eps, "
+      "bool normalize) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dS0, Tensor dz0)");
+  m.def(
+      "linear_attention_step(Tensor q, Tensor k, Tensor v, Tensor(a!) S, Tensor(b!) z, str feature_map, "
+      "float feature_eps, float scale, float eps, bool normalize) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(agiformer_kernels, CPU, m) {
+  m.impl("linear_attention_fwd", &agf_linear_attention::linear_attention_fwd_cpu);
+  m.impl("linear_attention_bwd", &agf_linear_attention::linear_attention_bwd_cpu);
+  m.impl("linear_attention_step", &agf_linear_attention::linear_attention_step_cpu);
+}
