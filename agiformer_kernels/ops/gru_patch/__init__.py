@@ -12,7 +12,7 @@ import torch
 
 from ... import backends
 from ..common import check_byte_range, check_float, check_index, check_same, check_shape
-from . import reference  # noqa: F401  (registers the "reference" backends)
+from . import cpp, reference  # noqa: F401  (register the "cpu"/"cuda" and "reference" backends)
 from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -1,0 +1,150 @@
+"""The C++ extension's GRU patch ops (csrc/gru_patch/), serving the "cpu" and "cuda" backends.
+
+``gru_patch_decode_fwd`` returns (hidden, gates, hidden_acc): gates ``[M, P, 4h]`` = r, z, n and
+W_hn·h + b_hn of every step in the accumulation dtype, and hidden_acc the fp32 hidden states of an
+fp16/bf16 call (empty otherwise), both only when ``save`` (a backward will follow).
+``gru_patch_loss_fwd`` returns (loss ``[M, P]``, lse ``[M, P]``, hidden, gates) in the accumulation
+dtype; its backward recomputes each tile's logits from the saved log-sum-exp.
+``gru_patch_sample`` takes the seed words drawn from the generator (``reference.draw_seed``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import backends
+from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype, draw_seed
+
+OP_LIB = "gru_patch"
+_ops = None
+
+
+def _register_python_side() -> None:
+    """Fake kernels and autograd for the C++ ops; they can only be attached once the library is loaded."""
+    global _ops
+    if _ops is not None:
+        return
+    _ops = torch.ops.agiformer_kernels
+
+    @torch.library.register_fake("agiformer_kernels::gru_patch_decode_fwd")
+    def _decode_fwd_fake(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save):
+        (M, h), P = context.shape, prev_bytes.shape[1]
+        a = acc_dtype(context.dtype)
+        gates = context.new_empty(M if save else 0, P, 4 * h, dtype=a)
+        hidden_acc = context.new_empty((M, P, h) if save and context.dtype != a else (0,), dtype=a)
+        return context.new_empty(M, P, h), gates, hidden_acc
+
+    @torch.library.register_fake("agiformer_kernels::gru_patch_decode_bwd")
+    def _decode_bwd_fake(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates):
+        return _weight_grads_fake(context)
+
+    @torch.library.register_fake("agiformer_kernels::gru_patch_loss_fwd")
+    def _loss_fwd_fake(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
+                       sos, save):
+        (M, h), P = context.shape, targets.shape[1]
+        a = acc_dtype(context.dtype)
+        kept = M if save else 0
+        return (context.new_empty(M, P, dtype=a), context.new_empty(M, P, dtype=a),
+                context.new_empty(kept, P, h, dtype=a), context.new_empty(kept, P, 4 * h, dtype=a))
+
+    @torch.library.register_fake("agiformer_kernels::gru_patch_loss_bwd")
+    def _loss_bwd_fake(grad_loss, context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden,
+                       gates, lse, sos):
+        h = context.shape[1]
+        return [*_weight_grads_fake(context), context.new_empty(VOCAB, h), context.new_empty(VOCAB)]
+
+    @torch.library.register_fake("agiformer_kernels::gru_patch_sample")
+    def _sample_fake(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size,
+                     temperature, top_k, prefix, sos, seed):
+        return context.new_empty(context.shape[0], patch_size, dtype=torch.int64)
+
+    def decode_setup(ctx, inputs, output):
+        context, prev_bytes, byte_emb, weight_ih, weight_hh, _, _, _ = inputs
+        hidden, gates, hidden_acc = output
+        ctx.mark_non_differentiable(gates, hidden_acc)
+        ctx.set_materialize_grads(False)
+        saved = hidden if hidden.dtype == gates.dtype else hidden_acc
+        ctx.save_for_backward(context, prev_bytes, byte_emb, weight_ih, weight_hh, saved, gates)
+
+    def decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
+        if grad_hidden is None:
+            return (None,) * 8
+        context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates = ctx.saved_tensors
+        grads = _ops.gru_patch_decode_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden,
+                                          gates)
+        dctx, demb, dw_ih, dw_hh, db_ih, db_hh = _needed(ctx, grads, (0, 2, 3, 4, 5, 6))
+        return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, None
+
+    torch.library.register_autograd("agiformer_kernels::gru_patch_decode_fwd", decode_backward,
+                                    setup_context=decode_setup)
+
+    def loss_setup(ctx, inputs, output):
+        context, targets, byte_emb, weight_ih, weight_hh, _, _, head_weight, head_bias, sos, _ = inputs
+        _, lse, hidden, gates = output
+        ctx.mark_non_differentiable(lse, hidden, gates)
+        ctx.set_materialize_grads(False)
+        ctx.sos = sos
+        ctx.save_for_backward(context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates,
+                              lse)
+
+    def loss_backward(ctx, grad_loss, _lse, _hidden, _gates):
+        if grad_loss is None:
+            return (None,) * 11
+        grads = _ops.gru_patch_loss_bwd(grad_loss, *ctx.saved_tensors, ctx.sos)
+        dctx, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb = _needed(ctx, grads, (0, 2, 3, 4, 5, 6, 7, 8))
+        return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb, None, None
+
+    torch.library.register_autograd("agiformer_kernels::gru_patch_loss_fwd", loss_backward, setup_context=loss_setup)
+
+
+def _weight_grads_fake(context):
+    h = context.shape[1]
+    new = context.new_empty
+    return [new(context.shape), new(VOCAB, h), new(3 * h, 2 * h), new(3 * h, h), new(3 * h), new(3 * h)]
+
+
+def _needed(ctx, grads, positions):
+    """grads, with None where the matching input (by position) needs no gradient."""
+    return [g if ctx.needs_input_grad[p] else None for g, p in zip(grads, positions)]
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def decode_cpp(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh):
+    _register_python_side()
+    save = _wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
+    hidden, _, _ = _ops.gru_patch_decode_fwd(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh,
+                                             save)
+    return hidden
+
+
+def loss_cpp(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, sos,
+             reduction):
+    _register_python_side()
+    save = _wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
+    loss, _, _, _ = _ops.gru_patch_loss_fwd(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh,
+                                            head_weight, head_bias, sos, save)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def sample_cpp(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, patch_size,
+               temperature, top_k, prefix, sos, generator):
+    _register_python_side()
+    seed = draw_seed(generator, context.device) if temperature > 0 else None
+    return _ops.gru_patch_sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
+                                 patch_size, temperature, top_k or 0, prefix, sos, seed)
+
+
+for _device in ("cpu", "cuda"):
+    backends.register(DECODE_OP, _device, decode_cpp,
+                      available=backends.extension_kernel(OP_LIB, "gru_patch_decode_fwd", _device))
+    backends.register(LOSS_OP, _device, loss_cpp,
+                      available=backends.extension_kernel(OP_LIB, "gru_patch_loss_fwd", _device))
+    backends.register(SAMPLE_OP, _device, sample_cpp,
+                      available=backends.extension_kernel(OP_LIB, "gru_patch_sample", _device))

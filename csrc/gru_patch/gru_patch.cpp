@@ -1,0 +1,844 @@
+// Fused GRU patch decoder (SPEC §1.3): schema and CPU kernels.
+//
+// Patches are independent P-step recurrences (h_0 = 0), so the work splits into row tiles of up to
+// kTile patches, one at::parallel_for item each, and a tile runs all P steps with its hidden state,
+// gate pre-activations and logits in thread-local buffers (L2-sized: kTile·3h floats for the gates).
+// The input projection W_ih·[e_b | c] is split as the structure allows:
+//   - the byte part is a row of the 256×3h table byte_emb·W_ih[:, :h]ᵀ, built once per call when the
+//     call has enough steps to amortise it (M·P ≥ 2·256), else one small GEMM on the gathered rows;
+//   - the context part is one GEMM per tile, shared by the P steps;
+// and each step adds one GEMM with W_hh (skipped at t = 0, where h = 0). Gates, the head's
+// log-softmax and the sampler are fused into the loops that read the GEMM outputs.
+// GEMMs are at::mm on views of those buffers (single-threaded BLAS inside at::parallel_for).
+// Backward mirrors it per tile, keeping per-thread partial weight gradients that are summed at the end;
+// the table's gradient (256×3h) is scattered per thread and turned into byte_emb and W_ih[:, :h]
+// gradients with two GEMMs. Nothing of size M·P·256 is ever materialised: the loss recomputes
+// each tile's logits in its backward from the saved log-sum-exp.
+// Sampling at small M (the generation regime) splits the hidden units and the vocabulary across
+// threads instead (one parallel region for the whole patch, two barriers per step), so each core
+// streams only its share of the weights from its own L2.
+// Accumulation is fp32 (fp64 for double inputs); fp16/bf16 inputs run the fp32 kernels.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "checks.h"
+
+namespace agf_gru_patch {
+
+using at::Tensor;
+constexpr int64_t kVocab = 256;
+constexpr int64_t kTile = 64;      // patches per work item of the tiled kernels
+constexpr int64_t kSmallM = 32;    // sampling at M <= kSmallM splits units across threads instead
+constexpr int64_t kTableMin = 512; // build the byte table when M·P >= this (it costs 256 rows)
+
+// ------------------------------------------------------------------------------------------------
+// Small dense helpers
+
+template <typename T>
+Tensor view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// C = A·B, or C += A·B: one BLAS call on views (A, B may be transposed views).
+inline void gemm(Tensor C, const Tensor& A, const Tensor& B, bool accumulate) {
+  if (C.numel() == 0) return;
+  if (accumulate) {
+    C.addmm_(A, B);
+  } else if (A.size(1) == 0) {
+    C.zero_();
+  } else {
+    at::mm_out(C, A, B);
+  }
+}
+
+#if defined(__AVX512F__)
+// exp in fp32: 2^n·p(r), r = x - n·ln2, degree-7 Taylor on |r| <= ln2/2 (< 1 ulp), scalef for 2^n.
+// Clamping with the constant first keeps NaN (min/max return their second operand when unordered).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), _mm512_min_ps(_mm512_set1_ps(150.f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+inline __mmask16 tail16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+#endif
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// y[j] = exp((x[j] + shift) * scale) for j < n.
+template <typename T>
+inline void exp_affine(const T* x, T shift, T scale, T* y, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 s = _mm512_set1_ps(shift), c = _mm512_set1_ps(scale);
+    for (; j < n; j += 16) {
+      const __mmask16 m = tail16(n - j);
+      const __m512 v = _mm512_mul_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, x + j), s), c);
+      _mm512_mask_storeu_ps(y + j, m, exp16(v));
+    }
+  }
+#endif
+  for (; j < n; ++j) y[j] = std::exp((x[j] + shift) * scale);
+}
+
+// One GRU step for one patch, PyTorch gate order (r, z, n):
+//   a = ge + gc + b_ih (+ gh) + b_hh, r = σ(a_r), z = σ(a_z), hn = gh_n + b_hn,
+//   n = tanh(ge_n + gc_n + b_in + r·hn), h' = (1 - z)·n + z·h.
+// gh = nullptr and hprev = nullptr stand for h = 0 (the first step). save: [r | z | n | hn] or nullptr.
+template <typename T>
+inline void gate_row(int64_t h, const T* ge, const T* gc, const T* gh, const T* bih, const T* bhh, const T* hprev,
+                     T* hnew, T* save) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+    for (; j < h; j += 16) {
+      const __mmask16 m = tail16(h - j);
+      auto ld = [m](const float* p) { return _mm512_maskz_loadu_ps(m, p); };
+      __m512 hr = ld(bhh + j), hz = ld(bhh + h + j), hn = ld(bhh + 2 * h + j);
+      if (gh) {
+        hr = _mm512_add_ps(hr, ld(gh + j));
+        hz = _mm512_add_ps(hz, ld(gh + h + j));
+        hn = _mm512_add_ps(hn, ld(gh + 2 * h + j));
+      }
+      const __m512 ar = _mm512_add_ps(_mm512_add_ps(ld(ge + j), ld(gc + j)), _mm512_add_ps(ld(bih + j), hr));
+      const __m512 az =
+          _mm512_add_ps(_mm512_add_ps(ld(ge + h + j), ld(gc + h + j)), _mm512_add_ps(ld(bih + h + j), hz));
+      const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), ar))));
+      const __m512 z = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), az))));
+      const __m512 an = _mm512_fmadd_ps(
+          r, hn, _mm512_add_ps(_mm512_add_ps(ld(ge + 2 * h + j), ld(gc + 2 * h + j)), ld(bih + 2 * h + j)));
+      // tanh(a) = 1 - 2 / (1 + e^{2a}): saturates to ±1 without overflow trouble
+      const __m512 n = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, exp16(_mm512_mul_ps(two, an)))));
+      const __m512 hp = hprev ? ld(hprev + j) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(hnew + j, m, _mm512_fmadd_ps(z, _mm512_sub_ps(hp, n), n));
+      if (save) {
+        _mm512_mask_storeu_ps(save + j, m, r);
+        _mm512_mask_storeu_ps(save + h + j, m, z);
+        _mm512_mask_storeu_ps(save + 2 * h + j, m, n);
+        _mm512_mask_storeu_ps(save + 3 * h + j, m, hn);
+      }
+    }
+  }
+#endif
+  for (; j < h; ++j) {
+    const T hr = bhh[j] + (gh ? gh[j] : T(0));
+    const T hz = bhh[h + j] + (gh ? gh[h + j] : T(0));
+    const T hn = bhh[2 * h + j] + (gh ? gh[2 * h + j] : T(0));
+    const T r = sigmoid(ge[j] + gc[j] + bih[j] + hr);
+    const T z = sigmoid(ge[h + j] + gc[h + j] + bih[h + j] + hz);
+    const T n = std::tanh(ge[2 * h + j] + gc[2 * h + j] + bih[2 * h + j] + r * hn);
+    const T hp = hprev ? hprev[j] : T(0);
+    hnew[j] = n + z * (hp - n);
+    if (save) {
+      save[j] = r;
+      save[h + j] = z;
+      save[2 * h + j] = n;
+      save[3 * h + j] = hn;
+    }
+  }
+}
+
+// Backward of gate_row. In: dh = dL/dh'. Out: dgi = dL/d(W_ih x + b_ih), dgh = dL/d(W_hh h + b_hh), and
+// dh ← dh·z, the direct part of dL/dh (the caller adds dgh·W_hh).
+template <typename T>
+inline void gate_row_bwd(int64_t h, T* dh, const T* g, const T* hprev, T* dgi, T* dgh) {
+  const T* r = g;
+  const T* z = g + h;
+  const T* n = g + 2 * h;
+  const T* hn = g + 3 * h;
+  for (int64_t j = 0; j < h; ++j) {
+    const T d = dh[j];
+    const T hp = hprev ? hprev[j] : T(0);
+    const T dan = d * (T(1) - z[j]) * (T(1) - n[j] * n[j]);
+    const T daz = d * (hp - n[j]) * z[j] * (T(1) - z[j]);
+    const T dar = dan * hn[j] * r[j] * (T(1) - r[j]);
+    dgi[j] = dar;
+    dgi[h + j] = daz;
+    dgi[2 * h + j] = dan;
+    dgh[j] = dar;
+    dgh[h + j] = daz;
+    dgh[2 * h + j] = dan * r[j];
+    dh[j] = d * z[j];
+  }
+}
+
+// logits row l (bias not yet added) → l + b; returns log Σ exp.
+template <typename T>
+inline T add_bias_lse(T* l, const T* b, T* scratch) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t k = 0; k < kVocab; ++k) {
+    l[k] += b[k];
+    mx = std::max(mx, l[k]);
+  }
+  exp_affine(l, -mx, T(1), scratch, kVocab);
+  T s = 0;
+  for (int64_t k = 0; k < kVocab; ++k) s += scratch[k];
+  return mx + std::log(s);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Counter-based RNG (same hash as reference.counter_uniform) and the byte choice.
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t counter_bits(uint32_t s0, uint32_t s1, int64_t row, int64_t step) {
+  uint32_t x = mix32(s0 ^ static_cast<uint32_t>(row));
+  x = mix32(x ^ s1);
+  return mix32(x ^ static_cast<uint32_t>(step));
+}
+
+struct SampleParams {
+  double temperature;
+  int64_t top_k;  // 0: all
+  uint32_t s0, s1;
+};
+
+// reference.choose_bytes for one row of logits (bias included); e is kVocab scratch.
+template <typename T>
+inline int64_t choose_byte(const T* l, const SampleParams& sp, int64_t row, int64_t step, T* e) {
+  int64_t best = 0;
+  for (int64_t k = 1; k < kVocab; ++k)
+    if (l[k] > l[best]) best = k;
+  if (sp.temperature == 0) return best;
+  T thr = -std::numeric_limits<T>::infinity();
+  if (sp.top_k > 0 && sp.top_k < kVocab) {
+    std::copy(l, l + kVocab, e);
+    std::nth_element(e, e + sp.top_k - 1, e + kVocab, std::greater<T>());
+    thr = e[sp.top_k - 1];
+  }
+  exp_affine(l, -l[best], T(1) / static_cast<T>(sp.temperature), e, kVocab);
+  // running sums in double and rounded per element, as torch.cumsum on CPU does
+  double s = 0;
+  for (int64_t k = 0; k < kVocab; ++k) {
+    s += l[k] >= thr ? static_cast<double>(e[k]) : 0.0;
+    e[k] = static_cast<T>(s);
+  }
+  const T u = static_cast<T>(counter_bits(sp.s0, sp.s1, row, step) >> 8) * static_cast<T>(1.0 / (1 << 24));
+  const T target = u * e[kVocab - 1];
+  for (int64_t k = 0; k < kVocab; ++k)
+    if (e[k] > target) return k;
+  return best;
+}
+
+// ------------------------------------------------------------------------------------------------
+// y[i·ldy + j] = Σ_k x_i[k]·W[j·ldw + k] for i < m, j < n: the few-rows product of the generation
+// regime, where BLAS call overhead would dominate. Register tile: 4 weight rows × 4 input rows.
+
+template <typename T, int JB, int IB>
+inline void dot_block(const T* const* x, const T* W, int64_t ldw, int64_t k, T* y, int64_t ldy) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 acc[IB][JB];
+    for (int i = 0; i < IB; ++i)
+      for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk += 16) {
+      const __mmask16 m = tail16(k - kk);
+      __m512 w[JB];
+      for (int j = 0; j < JB; ++j) w[j] = _mm512_maskz_loadu_ps(m, W + j * ldw + kk);
+      for (int i = 0; i < IB; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x[i] + kk);
+        for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
+      }
+    }
+    for (int i = 0; i < IB; ++i)
+      for (int j = 0; j < JB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    return;
+  }
+#endif
+  for (int i = 0; i < IB; ++i)
+    for (int j = 0; j < JB; ++j) {
+      T s = 0;
+      const T* w = W + j * ldw;
+#pragma omp simd reduction(+ : s)
+      for (int64_t kk = 0; kk < k; ++kk) s += x[i][kk] * w[kk];
+      y[i * ldy + j] = s;
+    }
+}
+
+template <typename T, int JB>
+inline void dot_rows_jb(int64_t ib, const T* const* x, const T* W, int64_t ldw, int64_t k, T* y, int64_t ldy) {
+  switch (ib) {
+    case 4: return dot_block<T, JB, 4>(x, W, ldw, k, y, ldy);
+    case 3: return dot_block<T, JB, 3>(x, W, ldw, k, y, ldy);
+    case 2: return dot_block<T, JB, 2>(x, W, ldw, k, y, ldy);
+    default: return dot_block<T, JB, 1>(x, W, ldw, k, y, ldy);
+  }
+}
+
+template <typename T>
+void dot_rows(int64_t m, const T* const* x, const T* W, int64_t ldw, int64_t n, int64_t k, T* y, int64_t ldy) {
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t jb = std::min<int64_t>(4, n - j);
+    for (int64_t i = 0; i < m; i += 4) {
+      const int64_t ib = std::min<int64_t>(4, m - i);
+      const T* const* xi = x + i;
+      T* yij = y + i * ldy + j;
+      switch (jb) {
+        case 4: dot_rows_jb<T, 4>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
+        case 3: dot_rows_jb<T, 3>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
+        case 2: dot_rows_jb<T, 2>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
+        default: dot_rows_jb<T, 1>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The weights of one call, as raw pointers into contiguous acc-dtype tensors.
+
+template <typename T>
+struct Weights {
+  int64_t h;
+  const T* emb;    // [256, h]
+  const T* w_ih;   // [3h, 2h]: columns [0, h) multiply the byte embedding, [h, 2h) the context
+  const T* w_hh;   // [3h, h]
+  const T* b_ih;   // [3h]
+  const T* b_hh;   // [3h]
+  const T* table;  // [256, 3h] = emb·W_ih[:, :h]ᵀ, or nullptr
+  Tensor w_e() const { return view(w_ih, 3 * h, h, 2 * h); }
+  Tensor w_c() const { return view(w_ih + h, 3 * h, h, 2 * h); }
+  Tensor hh() const { return view(w_hh, 3 * h, h, h); }
+};
+
+template <typename T>
+Weights<T> weights(const Tensor& emb, const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh,
+                   const Tensor& table) {
+  return {emb.size(1),        emb.data_ptr<T>(),  w_ih.data_ptr<T>(), w_hh.data_ptr<T>(),
+          b_ih.data_ptr<T>(), b_hh.data_ptr<T>(), table.defined() ? table.data_ptr<T>() : nullptr};
+}
+
+// The 256×3h byte table, when `steps` (= M·P) is enough to amortise its 256 rows.
+inline Tensor byte_table(const Tensor& emb, const Tensor& w_ih, int64_t steps) {
+  if (steps < kTableMin) return Tensor();
+  return at::mm(emb, w_ih.narrow(1, 0, emb.size(1)).t());
+}
+
+// Patches per tile: enough tiles to feed every thread, at most kTile rows each.
+inline int64_t tile_rows(int64_t M) {
+  const int64_t per_thread = (M + at::get_num_threads() - 1) / std::max(1, at::get_num_threads());
+  return std::max<int64_t>(1, std::min(kTile, per_thread));
+}
+
+template <typename F>
+void for_each_tile(int64_t M, const F& f) {
+  const int64_t ts = tile_rows(M);
+  at::parallel_for(0, (M + ts - 1) / ts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) f(b * ts, std::min(ts, M - b * ts));
+  });
+}
+
+// The byte part of the input projection for `rows` patches at one step: table rows, or rows of `buf`
+// [rows, 3h] projected from the gathered embeddings (`ebuf` [rows, h] scratch).
+template <typename T>
+void byte_projection(const Weights<T>& W, int64_t rows, const int64_t* bytes, int64_t stride, const T** ge, T* buf,
+                     T* ebuf) {
+  const int64_t h = W.h, G = 3 * h;
+  if (W.table) {
+    for (int64_t i = 0; i < rows; ++i) ge[i] = W.table + bytes[i * stride] * G;
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(ebuf + i * h, W.emb + bytes[i * stride] * h, h * sizeof(T));
+  gemm(view(buf, rows, G, G), view(ebuf, rows, h, h), W.w_e().t(), false);
+  for (int64_t i = 0; i < rows; ++i) ge[i] = buf + i * G;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Teacher-forced forward of one tile: `rows` patches from row r0, all P steps.
+// bytes: [M, P] input bytes; hid: the tile's [rows, P, h]; gates: the tile's [rows, P, 4h] or nullptr.
+
+template <typename T>
+void forward_tile(const Weights<T>& W, const T* ctx, const int64_t* bytes, int64_t P, int64_t r0, int64_t rows,
+                  T* hid, T* gates) {
+  const int64_t h = W.h, G = 3 * h;
+  std::vector<T> gc(rows * G), gh(rows * G), gbuf(W.table ? 0 : rows * G), ebuf(W.table ? 0 : rows * h);
+  std::vector<const T*> ge(rows);
+  gemm(view(gc.data(), rows, G, G), view(ctx + r0 * h, rows, h, h), W.w_c().t(), false);
+  for (int64_t t = 0; t < P; ++t) {
+    byte_projection(W, rows, bytes + r0 * P + t, P, ge.data(), gbuf.data(), ebuf.data());
+    if (t > 0) gemm(view(gh.data(), rows, G, G), view(hid + (t - 1) * h, rows, h, P * h), W.hh().t(), false);
+    for (int64_t i = 0; i < rows; ++i) {
+      T* out = hid + (i * P + t) * h;
+      gate_row(h, ge[i], gc.data() + i * G, t > 0 ? gh.data() + i * G : nullptr, W.b_ih, W.b_hh,
+               t > 0 ? out - h : nullptr, out, gates ? gates + (i * P + t) * 4 * h : nullptr);
+    }
+  }
+}
+
+// Per-thread partial gradients of the GRU weights (summed over threads at the end).
+template <typename T>
+struct Partial {
+  T* dw_hh;   // [3h, h]
+  T* dw_c;    // [3h, h]
+  T* dtable;  // [256, 3h]: gradient of the byte table, turned into byte_emb and W_ih[:, :h] grads
+  T* db_ih;   // [3h]
+  T* db_hh;   // [3h]
+};
+
+// Backward of one tile. hid, gates: the tile's saved [rows, P, h], [rows, P, 4h]; dH: the tile's dL/dhidden
+// [rows, P, h]; dctx: the tile's rows of dL/dcontext.
+template <typename T>
+void backward_tile(const Weights<T>& W, const T* ctx, const int64_t* bytes, int64_t P, int64_t r0, int64_t rows,
+                   const T* hid, const T* gates, const T* dH, T* dctx, const Partial<T>& g) {
+  const int64_t h = W.h, G = 3 * h;
+  std::vector<T> dh(rows * h), dgi(rows * G), dgh(rows * G), dgc(rows * G, T(0));
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dh.data() + i * h, dH + (i * P + P - 1) * h, h * sizeof(T));
+  for (int64_t t = P - 1; t >= 0; --t) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* hprev = t > 0 ? hid + (i * P + t - 1) * h : nullptr;
+      T* gi = dgi.data() + i * G;
+      T* gh = dgh.data() + i * G;
+      gate_row_bwd(h, dh.data() + i * h, gates + (i * P + t) * 4 * h, hprev, gi, gh);
+      T* gci = dgc.data() + i * G;
+      T* row = g.dtable + bytes[(r0 + i) * P + t] * G;
+      for (int64_t j = 0; j < G; ++j) {
+        gci[j] += gi[j];
+        row[j] += gi[j];
+        g.db_hh[j] += gh[j];
+      }
+    }
+    if (t == 0) break;
+    const Tensor dgh_v = view(dgh.data(), rows, G, G);
+    gemm(view(dh.data(), rows, h, h), dgh_v, W.hh(), true);
+    gemm(view(g.dw_hh, G, h, h), dgh_v.t(), view(hid + (t - 1) * h, rows, h, P * h), true);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* add = dH + (i * P + t - 1) * h;
+      T* d = dh.data() + i * h;
+      for (int64_t j = 0; j < h; ++j) d[j] += add[j];
+    }
+  }
+  const Tensor dgc_v = view(dgc.data(), rows, G, G);
+  gemm(view(dctx, rows, h, h), dgc_v, W.w_c(), false);
+  gemm(view(g.dw_c, G, h, h), dgc_v.t(), view(ctx + r0 * h, rows, h, h), true);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < G; ++j) g.db_ih[j] += dgc[i * G + j];
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: dtype handling and the per-call setup shared by the ops.
+
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Contiguous copy in the accumulation dtype (no copy when it already is one).
+inline Tensor acc(const Tensor& t, at::ScalarType a) { return t.to(a).contiguous(); }
+
+inline void check_common(const Tensor& context, const Tensor& byte_emb, const Tensor& w_ih, const Tensor& w_hh) {
+  for (const Tensor* t : {&context, &byte_emb, &w_ih, &w_hh}) AGF_CHECK_DEVICE(*t, at::kCPU);
+  AGF_CHECK_DIM(context, 2);
+  const int64_t h = context.size(1);
+  TORCH_CHECK(byte_emb.sizes() == at::IntArrayRef({kVocab, h}), "byte_emb must be [256, h]");
+  TORCH_CHECK(w_ih.sizes() == at::IntArrayRef({3 * h, 2 * h}), "weight_ih must be [3h, 2h]");
+  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({3 * h, h}), "weight_hh must be [3h, h]");
+}
+
+// Per-thread partial gradients, zeroed; summed by `finish`.
+struct PartialBuffers {
+  Tensor dw_hh, dw_c, dtable, db_ih, db_hh;
+  PartialBuffers(int64_t threads, int64_t h, at::ScalarType a) {
+    auto z = [&](std::initializer_list<int64_t> s) { return at::zeros(s, at::TensorOptions().dtype(a)); };
+    dw_hh = z({threads, 3 * h, h});
+    dw_c = z({threads, 3 * h, h});
+    dtable = z({threads, kVocab, 3 * h});
+    db_ih = z({threads, 3 * h});
+    db_hh = z({threads, 3 * h});
+  }
+  template <typename T>
+  Partial<T> of(int64_t thread) const {
+    return {dw_hh[thread].data_ptr<T>(), dw_c[thread].data_ptr<T>(), dtable[thread].data_ptr<T>(),
+            db_ih[thread].data_ptr<T>(), db_hh[thread].data_ptr<T>()};
+  }
+  // (dbyte_emb, dweight_ih, dweight_hh, dbias_ih, dbias_hh) in dtype `out`.
+  std::vector<Tensor> finish(const Tensor& emb, const Tensor& w_ih, at::ScalarType out) const {
+    const int64_t h = emb.size(1);
+    const Tensor dtable_sum = dtable.sum(0);
+    const Tensor dw_e = dtable_sum.t().mm(emb);
+    const Tensor demb = dtable_sum.mm(w_ih.narrow(1, 0, h));
+    return {demb.to(out), at::cat({dw_e, dw_c.sum(0)}, 1).to(out), dw_hh.sum(0).to(out), db_ih.sum(0).to(out),
+            db_hh.sum(0).to(out)};
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// gru_patch_decode
+
+std::tuple<Tensor, Tensor, Tensor> decode_fwd_cpu(const Tensor& context, const Tensor& prev_bytes,
+                                                  const Tensor& byte_emb, const Tensor& weight_ih,
+                                                  const Tensor& weight_hh, const Tensor& bias_ih,
+                                                  const Tensor& bias_hh, bool save) {
+  check_common(context, byte_emb, weight_ih, weight_hh);
+  AGF_CHECK_DIM(prev_bytes, 2);
+  const auto dtype = context.scalar_type();
+  const auto a = acc_type(dtype);
+  const Tensor ctx = acc(context, a), emb = acc(byte_emb, a), w_ih = acc(weight_ih, a), w_hh = acc(weight_hh, a),
+               b_ih = acc(bias_ih, a), b_hh = acc(bias_hh, a);
+  const Tensor bytes = prev_bytes.to(at::kLong).contiguous();
+  const int64_t M = ctx.size(0), P = bytes.size(1), h = ctx.size(1);
+  const auto opt = ctx.options();
+  Tensor hid = at::empty({M, P, h}, opt);
+  Tensor gates = at::empty({save ? M : 0, P, 4 * h}, opt);
+  const Tensor table = byte_table(emb, w_ih, M * P);
+  AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_decode_fwd", [&] {
+    const auto W = weights<scalar_t>(emb, w_ih, w_hh, b_ih, b_hh, table);
+    const scalar_t* c = ctx.data_ptr<scalar_t>();
+    const int64_t* b = bytes.data_ptr<int64_t>();
+    scalar_t* hp = hid.data_ptr<scalar_t>();
+    scalar_t* gp = save ? gates.data_ptr<scalar_t>() : nullptr;
+    for_each_tile(M, [&](int64_t r0, int64_t rows) {
+      forward_tile(W, c, b, P, r0, rows, hp + r0 * P * h, gp ? gp + r0 * P * 4 * h : nullptr);
+    });
+  });
+  if (dtype == a) return {hid, gates, at::empty({0}, opt)};
+  return {hid.to(dtype), gates, save ? hid : at::empty({0}, opt)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> decode_bwd_cpu(
+    const Tensor& grad_hidden, const Tensor& context, const Tensor& prev_bytes, const Tensor& byte_emb,
+    const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& hidden, const Tensor& gates) {
+  check_common(context, byte_emb, weight_ih, weight_hh);
+  const auto dtype = context.scalar_type();
+  const auto a = acc_type(dtype);
+  const Tensor ctx = acc(context, a), emb = acc(byte_emb, a), w_ih = acc(weight_ih, a), w_hh = acc(weight_hh, a);
+  const Tensor dH = acc(grad_hidden, a), hid = acc(hidden, a), g = acc(gates, a);
+  const Tensor bytes = prev_bytes.to(at::kLong).contiguous();
+  const int64_t M = ctx.size(0), P = bytes.size(1), h = ctx.size(1);
+  TORCH_CHECK(hid.sizes() == at::IntArrayRef({M, P, h}) && g.sizes() == at::IntArrayRef({M, P, 4 * h}),
+              "gru_patch_decode_bwd: hidden/gates must be the forward's saved tensors");
+  Tensor dctx = at::empty({M, h}, ctx.options());
+  const PartialBuffers part(at::get_num_threads(), h, a);
+  AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_decode_bwd", [&] {
+    const auto W = weights<scalar_t>(emb, w_ih, w_hh, w_hh, w_hh, Tensor());
+    const scalar_t *c = ctx.data_ptr<scalar_t>(), *hp = hid.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(),
+                   *dp = dH.data_ptr<scalar_t>();
+    const int64_t* b = bytes.data_ptr<int64_t>();
+    scalar_t* dc = dctx.data_ptr<scalar_t>();
+    for_each_tile(M, [&](int64_t r0, int64_t rows) {
+      backward_tile(W, c, b, P, r0, rows, hp + r0 * P * h, gp + r0 * P * 4 * h, dp + r0 * P * h, dc + r0 * h,
+                    part.of<scalar_t>(at::get_thread_num()));
+    });
+  });
+  const auto rest = part.finish(emb, w_ih, dtype);
+  return {dctx.to(dtype), rest[0], rest[1], rest[2], rest[3], rest[4]};
+}
+
+// ------------------------------------------------------------------------------------------------
+// gru_patch_loss: per tile, the forward above, then logits (rows·P × 256, the tile's only) → log-softmax.
+
+inline Tensor teacher_bytes(const Tensor& targets, int64_t sos) {
+  const Tensor t = targets.to(at::kLong);
+  return at::cat({at::full({t.size(0), 1}, sos, t.options()), t.narrow(1, 0, t.size(1) - 1)}, 1).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> loss_fwd_cpu(const Tensor& context, const Tensor& targets,
+                                                        const Tensor& byte_emb, const Tensor& weight_ih,
+                                                        const Tensor& weight_hh, const Tensor& bias_ih,
+                                                        const Tensor& bias_hh, const Tensor& head_weight,
+                                                        const Tensor& head_bias, int64_t sos, bool save) {
+  check_common(context, byte_emb, weight_ih, weight_hh);
+  AGF_CHECK_DIM(targets, 2);
+  const auto a = acc_type(context.scalar_type());
+  const Tensor ctx = acc(context, a), emb = acc(byte_emb, a), w_ih = acc(weight_ih, a), w_hh = acc(weight_hh, a),
+               b_ih = acc(bias_ih, a), b_hh = acc(bias_hh, a), hw = acc(head_weight, a), hb = acc(head_bias, a);
+  const Tensor y = targets.to(at::kLong).contiguous();
+  const Tensor bytes = teacher_bytes(y, sos);
+  const int64_t M = ctx.size(0), P = y.size(1), h = ctx.size(1);
+  const auto opt = ctx.options();
+  Tensor loss = at::empty({M, P}, opt), lse = at::empty({M, P}, opt);
+  Tensor hid = at::empty({save ? M : 0, P, h}, opt), gates = at::empty({save ? M : 0, P, 4 * h}, opt);
+  const Tensor table = byte_table(emb, w_ih, M * P);
+  AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_loss_fwd", [&] {
+    using T = scalar_t;
+    const auto W = weights<T>(emb, w_ih, w_hh, b_ih, b_hh, table);
+    const T *c = ctx.data_ptr<T>(), *hwp = hw.data_ptr<T>(), *hbp = hb.data_ptr<T>();
+    const int64_t *b = bytes.data_ptr<int64_t>(), *yp = y.data_ptr<int64_t>();
+    T *lp = loss.data_ptr<T>(), *sp = lse.data_ptr<T>();
+    for_each_tile(M, [&](int64_t r0, int64_t rows) {
+      std::vector<T> local(save ? 0 : rows * P * h), logits(rows * P * kVocab), e(kVocab);
+      T* hp = save ? hid.data_ptr<T>() + r0 * P * h : local.data();
+      forward_tile(W, c, b, P, r0, rows, hp, save ? gates.data_ptr<T>() + r0 * P * 4 * h : nullptr);
+      gemm(view(logits.data(), rows * P, kVocab, kVocab), view(hp, rows * P, h, h), view(hwp, kVocab, h, h).t(),
+           false);
+      for (int64_t q = 0; q < rows * P; ++q) {
+        T* l = logits.data() + q * kVocab;
+        const T s = add_bias_lse(l, hbp, e.data());
+        sp[r0 * P + q] = s;
+        lp[r0 * P + q] = s - l[yp[r0 * P + q]];
+      }
+    });
+  });
+  return {loss, lse, hid, gates};
+}
+
+std::vector<Tensor> loss_bwd_cpu(const Tensor& grad_loss, const Tensor& context, const Tensor& targets,
+                                 const Tensor& byte_emb, const Tensor& weight_ih, const Tensor& weight_hh,
+                                 const Tensor& head_weight, const Tensor& head_bias, const Tensor& hidden,
+                                 const Tensor& gates, const Tensor& lse, int64_t sos) {
+  check_common(context, byte_emb, weight_ih, weight_hh);
+  const auto dtype = context.scalar_type();
+  const auto a = acc_type(dtype);
+  const Tensor ctx = acc(context, a), emb = acc(byte_emb, a), w_ih = acc(weight_ih, a), w_hh = acc(weight_hh, a),
+               hw = acc(head_weight, a), hb = acc(head_bias, a);
+  const Tensor gl = acc(grad_loss, a), hid = acc(hidden, a), g = acc(gates, a), s = acc(lse, a);
+  const Tensor y = targets.to(at::kLong).contiguous();
+  const Tensor bytes = teacher_bytes(y, sos);
+  const int64_t M = ctx.size(0), P = y.size(1), h = ctx.size(1);
+  TORCH_CHECK(hid.sizes() == at::IntArrayRef({M, P, h}) && g.sizes() == at::IntArrayRef({M, P, 4 * h}),
+              "gru_patch_loss_bwd: hidden/gates must be the forward's saved tensors");
+  Tensor dctx = at::empty({M, h}, ctx.options());
+  const int64_t threads = at::get_num_threads();
+  const PartialBuffers part(threads, h, a);
+  Tensor dhw = at::zeros({threads, kVocab, h}, ctx.options()), dhb = at::zeros({threads, kVocab}, ctx.options());
+  AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_loss_bwd", [&] {
+    using T = scalar_t;
+    const auto W = weights<T>(emb, w_ih, w_hh, w_hh, w_hh, Tensor());
+    const T *c = ctx.data_ptr<T>(), *hp = hid.data_ptr<T>(), *gp = g.data_ptr<T>(), *glp = gl.data_ptr<T>(),
+            *sp = s.data_ptr<T>(), *hwp = hw.data_ptr<T>(), *hbp = hb.data_ptr<T>();
+    const int64_t *b = bytes.data_ptr<int64_t>(), *yp = y.data_ptr<int64_t>();
+    T* dc = dctx.data_ptr<T>();
+    for_each_tile(M, [&](int64_t r0, int64_t rows) {
+      const int64_t tid = at::get_thread_num();
+      const int64_t n = rows * P;
+      const T* ht = hp + r0 * P * h;
+      std::vector<T> dl(n * kVocab), dH(n * h);
+      const Tensor dl_v = view(dl.data(), n, kVocab, kVocab), h_v = view(ht, n, h, h);
+      gemm(dl_v, h_v, view(hwp, kVocab, h, h).t(), false);
+      T* dhbp = dhb[tid].data_ptr<T>();
+      for (int64_t q = 0; q < n; ++q) {
+        T* l = dl.data() + q * kVocab;
+        const T gq = glp[r0 * P + q];
+        for (int64_t k = 0; k < kVocab; ++k) l[k] += hbp[k];
+        exp_affine(l, -sp[r0 * P + q], T(1), l, kVocab);
+        for (int64_t k = 0; k < kVocab; ++k) l[k] *= gq;
+        l[yp[r0 * P + q]] -= gq;
+        for (int64_t k = 0; k < kVocab; ++k) dhbp[k] += l[k];
+      }
+      gemm(dhw[tid], dl_v.t(), h_v, true);
+      gemm(view(dH.data(), n, h, h), dl_v, view(hwp, kVocab, h, h), false);
+      backward_tile(W, c, b, P, r0, rows, ht, gp + r0 * P * 4 * h, dH.data(), dc + r0 * h, part.of<T>(tid));
+    });
+  });
+  const auto rest = part.finish(emb, w_ih, dtype);
+  return {dctx.to(dtype), rest[0], rest[1], rest[2], rest[3], rest[4], dhw.sum(0).to(dtype), dhb.sum(0).to(dtype)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// gru_patch_sample
+
+// Many patches: independent tiles, each running its P steps with one BLAS call per product.
+template <typename T>
+void sample_tiled(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, int64_t M, int64_t P,
+                  const int64_t* prefix, int64_t forced, int64_t sos, const SampleParams& sp, int64_t* out) {
+  const int64_t h = W.h, G = 3 * h;
+  for_each_tile(M, [&](int64_t r0, int64_t rows) {
+    std::vector<T> gc(rows * G), gh(rows * G), hs(rows * h), logits(rows * kVocab), e(kVocab);
+    std::vector<T> gbuf(W.table ? 0 : rows * G), ebuf(W.table ? 0 : rows * h);
+    std::vector<const T*> ge(rows);
+    std::vector<int64_t> cur(rows, sos);
+    const Tensor h_v = view(hs.data(), rows, h, h);
+    gemm(view(gc.data(), rows, G, G), view(ctx + r0 * h, rows, h, h), W.w_c().t(), false);
+    for (int64_t t = 0; t < P; ++t) {
+      byte_projection(W, rows, cur.data(), 1, ge.data(), gbuf.data(), ebuf.data());
+      if (t > 0) gemm(view(gh.data(), rows, G, G), h_v, W.hh().t(), false);
+      for (int64_t i = 0; i < rows; ++i)
+        gate_row(h, ge[i], gc.data() + i * G, t > 0 ? gh.data() + i * G : nullptr, W.b_ih, W.b_hh,
+                 t > 0 ? hs.data() + i * h : nullptr, hs.data() + i * h, static_cast<T*>(nullptr));
+      if (t < forced) {
+        for (int64_t i = 0; i < rows; ++i) cur[i] = prefix[(r0 + i) * forced + t];
+      } else {
+        gemm(view(logits.data(), rows, kVocab, kVocab), h_v, view(hw, kVocab, h, h).t(), false);
+        for (int64_t i = 0; i < rows; ++i) {
+          T* l = logits.data() + i * kVocab;
+          for (int64_t k = 0; k < kVocab; ++k) l[k] += hb[k];
+          cur[i] = choose_byte(l, sp, r0 + i, t, e.data());
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) out[(r0 + i) * P + t] = cur[i];
+    }
+  });
+}
+
+// Few patches: one parallel region for the whole patch; thread k owns a slice of the hidden units (its
+// rows of W_ih, W_hh) and of the vocabulary (its rows of the head), so each core streams only its
+// share of the weights. Two barriers per step: after the hidden state, after the logits; every thread
+// then picks the same bytes itself (the choice is deterministic), so no third one.
+template <typename T>
+void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, int64_t M, int64_t P,
+                  const int64_t* prefix, int64_t forced, int64_t sos, const SampleParams& sp, int64_t* out,
+                  int threads) {
+  const int64_t h = W.h;
+  std::vector<T> hbuf(2 * M * h), logits(2 * M * kVocab);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int tid = 0, nt = 1;
+#endif
+    // units [u0, u1) in multiples of 16 (one vector), vocabulary rows [v0, v1)
+    const int64_t chunks = (h + 15) / 16;
+    const int64_t u0 = std::min(h, chunks * tid / nt * 16), u1 = std::min(h, chunks * (tid + 1) / nt * 16);
+    const int64_t v0 = kVocab * tid / nt, v1 = kVocab * (tid + 1) / nt;
+    const int64_t nu = u1 - u0, L = 3 * nu;  // local gate rows [r | z | n] of the own units
+    std::vector<T> gc(M * L), ge(M * L), gh(M * L), bih(L), bhh(L), e(kVocab);
+    std::vector<const T*> x(M);
+    std::vector<int64_t> cur(M, sos);
+    for (int64_t q = 0; q < 3; ++q)
+      for (int64_t j = 0; j < nu; ++j) {
+        bih[q * nu + j] = W.b_ih[q * h + u0 + j];
+        bhh[q * nu + j] = W.b_hh[q * h + u0 + j];
+      }
+    // own rows of a [3h, ·] weight times the rows x: y[i][q·nu + j] = W[q·h + u0 + j] · x_i
+    auto project = [&](const T* w, int64_t ldw, T* y) {
+      for (int64_t q = 0; q < 3 && nu > 0; ++q) dot_rows(M, x.data(), w + (q * h + u0) * ldw, ldw, nu, h, y + q * nu, L);
+    };
+    for (int64_t i = 0; i < M; ++i) x[i] = ctx + i * h;
+    project(W.w_ih + h, 2 * h, gc.data());
+    for (int64_t t = 0; t < P; ++t) {
+      const T* hcur = hbuf.data() + (t & 1) * M * h;
+      T* hnext = hbuf.data() + ((t + 1) & 1) * M * h;
+      for (int64_t i = 0; i < M; ++i) x[i] = W.emb + cur[i] * h;
+      project(W.w_ih, 2 * h, ge.data());
+      if (t > 0) {
+        for (int64_t i = 0; i < M; ++i) x[i] = hcur + i * h;
+        project(W.w_hh, h, gh.data());
+      }
+      for (int64_t i = 0; i < M && nu > 0; ++i)
+        gate_row(nu, ge.data() + i * L, gc.data() + i * L, t > 0 ? gh.data() + i * L : nullptr, bih.data(),
+                 bhh.data(), t > 0 ? hcur + i * h + u0 : nullptr, hnext + i * h + u0, static_cast<T*>(nullptr));
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+      if (t < forced) {
+        for (int64_t i = 0; i < M; ++i) cur[i] = prefix[i * forced + t];
+      } else {
+        T* lg = logits.data() + (t & 1) * M * kVocab;
+        for (int64_t i = 0; i < M; ++i) x[i] = hnext + i * h;
+        dot_rows(M, x.data(), hw + v0 * h, h, v1 - v0, h, lg + v0, kVocab);
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t k = v0; k < v1; ++k) lg[i * kVocab + k] += hb[k];
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        for (int64_t i = 0; i < M; ++i) cur[i] = choose_byte(lg + i * kVocab, sp, i, t, e.data());
+      }
+      if (tid == 0)
+        for (int64_t i = 0; i < M; ++i) out[i * P + t] = cur[i];
+    }
+  }
+}
+
+Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& weight_ih, const Tensor& weight_hh,
+                  const Tensor& bias_ih, const Tensor& bias_hh, const Tensor& head_weight, const Tensor& head_bias,
+                  int64_t patch_size, double temperature, int64_t top_k, const std::optional<Tensor>& prefix,
+                  int64_t sos, const std::optional<Tensor>& seed) {
+  check_common(context, byte_emb, weight_ih, weight_hh);
+  TORCH_CHECK(patch_size >= 1, "patch_size must be >= 1");
+  const auto a = acc_type(context.scalar_type());
+  const Tensor ctx = acc(context, a), emb = acc(byte_emb, a), w_ih = acc(weight_ih, a), w_hh = acc(weight_hh, a),
+               b_ih = acc(bias_ih, a), b_hh = acc(bias_hh, a), hw = acc(head_weight, a), hb = acc(head_bias, a);
+  const int64_t M = ctx.size(0), P = patch_size, h = ctx.size(1);
+  SampleParams sp{temperature, top_k, 0, 0};
+  if (temperature > 0) {
+    TORCH_CHECK(seed.has_value() && seed->numel() == 2, "gru_patch_sample: temperature > 0 needs a seed [2]");
+    const Tensor s = seed->to(at::kLong).cpu();
+    sp.s0 = static_cast<uint32_t>(s[0].item<int64_t>());
+    sp.s1 = static_cast<uint32_t>(s[1].item<int64_t>());
+  }
+  Tensor pre;
+  int64_t forced = 0;
+  if (prefix.has_value() && prefix->numel() > 0) {
+    pre = prefix->to(at::kLong).contiguous();
+    forced = pre.size(1);
+    TORCH_CHECK(pre.size(0) == M && forced < P, "prefix must be [M, r] with r < patch_size");
+  }
+  Tensor out = at::empty({M, P}, ctx.options().dtype(at::kLong));
+  const int threads = std::min<int>(at::get_num_threads(), static_cast<int>(h / 64));
+  const bool split = M <= kSmallM && threads > 1;
+  const Tensor table = split ? Tensor() : byte_table(emb, w_ih, M * P);
+  AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_sample", [&] {
+    using T = scalar_t;
+    const auto W = weights<T>(emb, w_ih, w_hh, b_ih, b_hh, table);
+    const int64_t* pp = forced ? pre.data_ptr<int64_t>() : nullptr;
+    if (split)
+      sample_split(W, ctx.data_ptr<T>(), hw.data_ptr<T>(), hb.data_ptr<T>(), M, P, pp, forced, sos, sp,
+                   out.data_ptr<int64_t>(), threads);
+    else
+      sample_tiled(W, ctx.data_ptr<T>(), hw.data_ptr<T>(), hb.data_ptr<T>(), M, P, pp, forced, sos, sp,
+                   out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
+}  // namespace agf_gru_patch
+
+TORCH_LIBRARY_FRAGMENT(agiformer_kernels, m) {
+  m.def(
+      "gru_patch_decode_fwd(Tensor context, Tensor prev_bytes, Tensor byte_emb, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor bias_ih, Tensor bias_hh, bool save) -> (Tensor hidden, Tensor gates, "
+      "Tensor hidden_acc)");
+  m.def(
+      "gru_patch_decode_bwd(Tensor grad_hidden, Tensor context, Tensor prev_bytes, Tensor byte_emb, "
+      "Tensor weight_ih, Tensor weight_hh, Tensor hidden, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
+  m.def(
+      "gru_patch_loss_fwd(Tensor context, Tensor targets, Tensor byte_emb, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor bias_ih, Tensor bias_hh, Tensor head_weight, Tensor head_bias, int sos, bool save) -> "
+      "(Tensor loss, Tensor lse, Tensor hidden, Tensor gates)");
+  m.def(
+      "gru_patch_loss_bwd(Tensor grad_loss, Tensor context, Tensor targets, Tensor byte_emb, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor head_weight, Tensor head_bias, Tensor hidden, Tensor gates, Tensor lse, int sos) "
+      "-> Tensor[]");
+  m.def(
+      "gru_patch_sample(Tensor context, Tensor byte_emb, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, "
+      "Tensor bias_hh, Tensor head_weight, Tensor head_bias, int patch_size, float temperature, int top_k, "
+      "Tensor? prefix, int sos, Tensor? seed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(agiformer_kernels, CPU, m) {
+  m.impl("gru_patch_decode_fwd", &agf_gru_patch::decode_fwd_cpu);
+  m.impl("gru_patch_decode_bwd", &agf_gru_patch::decode_bwd_cpu);
+  m.impl("gru_patch_loss_fwd", &agf_gru_patch::loss_fwd_cpu);
+  m.impl("gru_patch_loss_bwd", &agf_gru_patch::loss_bwd_cpu);
+  m.impl("gru_patch_sample", &agf_gru_patch::sample_cpu);
+}
