@@ -1,0 +1,42 @@
+"""The benchmark runner on a toy op: rows, error check, speedups and the JSON it writes."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import registry, run
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    monkeypatch.setattr(registry, "CASES", [])
+    monkeypatch.setattr(registry, "IMPLS", {})
+    monkeypatch.setattr(run, "CASES", registry.CASES)
+    monkeypatch.setattr(run, "IMPLS", registry.IMPLS)
+    monkeypatch.setattr(registry, "load_all", lambda: None)
+
+    def inputs(device, dtype):
+        return {"x": torch.randn(256, 256, device=device, dtype=dtype, requires_grad=True)}
+
+    registry.case("toy", "N256", "cpu", torch.float32, inputs, flops=2 * 256**3, bytes=3 * 256 * 256 * 4,
+                  params={"L": 256}, quick=True)
+    registry.impl("toy", "reference", lambda i: i["x"] @ i["x"])
+    registry.impl("toy", "wrong", lambda i: i["x"] @ i["x"] + 1)
+    registry.impl("toy", "slow-alt", lambda i: (i["x"] @ i["x"]).clone(), alternative=True)
+    registry.impl("toy", "absent", lambda i: i["x"], available=lambda c: "not here")
+
+
+def test_runner_writes_rows(toy_registry, tmp_path):
+    out = tmp_path / "r.json"
+    assert run.main(["--quick", "--device", "cpu", "--min-run-time", "0.01", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in record["rows"]}
+    assert rows["absent"]["status"] == "skipped: not here"
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["err"] is None
+    assert rows["wrong"]["err"] > 1e-3  # the runner's correctness check sees the wrong implementation
+    assert rows["slow-alt"]["err"] < 1e-6
+    for r in (rows["reference"], rows["wrong"], rows["slow-alt"]):
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["baseline"] == "slow-alt"
+        assert 0 < r["roofline"] < 1.5
+    assert record["device_type"] == "cpu" and "torch" in record["versions"] and record["commit"]
