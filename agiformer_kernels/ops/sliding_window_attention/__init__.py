@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional, Union
 
 import torch
@@ -9,6 +10,9 @@ import torch
 from ... import backends
 from ..common import check_float, check_index, check_same, check_shape
 from . import cpp, reference  # noqa: F401  (each registers its backends)
+
+if importlib.util.find_spec("triton") is not None:
+    from . import triton  # noqa: F401  (registers the "triton" backends)
 from .reference import OP, STEP_OP
 
 
