@@ -5,6 +5,13 @@ Train with ``python -m agiformer.train``, score with ``python -m agiformer.evalu
 ``python -m agiformer.inspect``.
 """
 
-from .model import AGIFORMER
-
 __all__ = ["AGIFORMER"]
+
+
+def __getattr__(name: str):
+    # Imported lazily so the command-line modules can set OpenMP's environment before torch loads.
+    if name == "AGIFORMER":
+        from .model import AGIFORMER
+
+        return AGIFORMER
+    raise AttributeError(f"module 'agiformer' has no attribute {name!r}")

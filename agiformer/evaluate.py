@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from . import _threads  # noqa: F401  (before torch: OpenMP's wait policy)
+
 import argparse
 import contextlib
 import math

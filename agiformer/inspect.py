@@ -13,6 +13,8 @@ Reports, averaged over the prompt's patches:
 
 from __future__ import annotations
 
+from . import _threads  # noqa: F401  (before torch: OpenMP's wait policy)
+
 import argparse
 import json
 import sys

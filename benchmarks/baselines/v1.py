@@ -186,16 +186,17 @@ def train_step(model, optimizer, seq):
 
 
 @torch.no_grad()
-def generate(model, prompt: bytes, max_new_bytes: int, temperature=0.0, max_context=1024) -> bytes:
-    """v1's generation loop: pad the prompt with spaces to whole patches, then for every patch rerun the
-    model over the last ``max_context`` bytes and append the last patch's prediction."""
+def generate(model, prompts: list[bytes], max_new_bytes: int, temperature=0.0, max_context=1024) -> list[bytes]:
+    """v1's generation loop over a batch of equally long prompts: pad them with spaces to whole patches,
+    then for every patch rerun the model over the last ``max_context`` bytes and append the last
+    patch's prediction."""
     P = model.patch_size
-    seq = list(prompt)
-    if len(seq) % P:
-        seq += [ord(" ")] * (P - len(seq) % P)
-    start = len(seq)
+    rows = [list(p) + [ord(" ")] * (-len(p) % P) for p in prompts]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError("v1's loop takes prompts of one length")
+    start = len(rows[0])
     device = next(model.parameters()).device
-    while len(seq) - start < max_new_bytes:
-        context = torch.tensor([seq[-max_context:]], dtype=torch.long, device=device)
-        seq += model(context, temperature=temperature)[0, -1].tolist()
-    return bytes(seq[start : start + max_new_bytes])
+    seq = torch.tensor(rows, dtype=torch.long, device=device)
+    while seq.shape[1] - start < max_new_bytes:
+        seq = torch.cat([seq, model(seq[:, -max_context:], temperature=temperature)[:, -1]], dim=1)
+    return [bytes(r[start : start + max_new_bytes]) for r in seq.tolist()]

@@ -1,0 +1,220 @@
+"""The whole AGIFORMER: a training step (forward + backward) and incremental generation, ours against
+AGIFORMER v1 (benchmarks/baselines/v1.py) with the same weights.
+
+Registered for ``python -m benchmarks.run --op model``. Run as a script for the numbers the issue
+asks for (an optimizer step included, best of several, peak RSS of each case in its own process,
+generation in bytes/s), written to ``benchmarks/results/model-<device>.json``:
+
+    python -m benchmarks.cases.model                 # CPU: train B1/B4 L1024, L16384 memory, generation
+    python -m benchmarks.cases.model --device cuda   # GPU: train B8 L4096 bf16, generation after 4096 bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.registry import case, impl
+
+OP = "model"
+CONFIG = dict(d_model=512, n_layers=6, num_heads=8, patch_size=4, window_size=128, vocab_size=256, dropout=0.1,
+              thinking_steps=3)
+
+
+def models(device: str, dtype: torch.dtype, train: bool):
+    """v1 and ours with the same fp32 weights (default configuration); low precision runs under autocast."""
+    from agiformer import AGIFORMER
+    from benchmarks.baselines import v1
+
+    torch.manual_seed(0)
+    old = v1.AGIFORMER(**CONFIG).to(device)
+    new = AGIFORMER(**CONFIG).to(device)
+    new.load_state_dict(old.state_dict())
+    return old.train(train), new.train(train)
+
+
+def train_inputs(B: int, L: int):
+    def make(device, dtype):
+        old, new = models(device, dtype, train=True)
+        inputs = {"seq": torch.randint(0, 256, (B, L), device=device), "v1": old, "ours": new, "dtype": dtype}
+        # the parameters are the leaves the runner differentiates (and clears)
+        inputs.update({f"v1.{n}": p for n, p in old.named_parameters()})
+        inputs.update({f"ours.{n}": p for n, p in new.named_parameters()})
+        return inputs
+
+    return make
+
+
+def generation_inputs(B: int, context: int, new_bytes: int):
+    def make(device, dtype):
+        old, new = models(device, dtype, train=False)
+        g = torch.Generator().manual_seed(0)
+        prompts = [bytes(torch.randint(32, 127, (context,), generator=g).tolist()) for _ in range(B)]
+        return {"prompts": prompts, "new_bytes": new_bytes, "v1": old, "ours": new, "dtype": dtype}
+
+    return make
+
+
+def _autocast(inputs):
+    dtype = inputs["dtype"]
+    device = inputs["seq"].device.type if "seq" in inputs else next(inputs["ours"].parameters()).device.type
+    return torch.autocast(device, dtype) if dtype != torch.float32 else torch.autocast(device, enabled=False)
+
+
+def v1_train(inputs):
+    import torch.nn.functional as F
+
+    seq, m = inputs["seq"], inputs["v1"]
+    P = m.patch_size
+    with _autocast(inputs):
+        logits = m(seq[:, :-P], seq[:, P:])
+    return F.cross_entropy(logits.float().reshape(-1, 256), seq[:, P:].reshape(-1))
+
+
+def ours_train(inputs):
+    with _autocast(inputs):
+        return inputs["ours"].sequence_loss(inputs["seq"])
+
+
+def v1_generate(inputs):
+    from benchmarks.baselines import v1
+
+    with _autocast(inputs):
+        out = v1.generate(inputs["v1"], inputs["prompts"], inputs["new_bytes"])
+    return torch.tensor([list(o) for o in out])
+
+
+def ours_generate(inputs):
+    from agiformer.generation import generate
+
+    with _autocast(inputs):
+        out = generate(inputs["ours"], inputs["prompts"], inputs["new_bytes"])
+    return torch.tensor([list(o) for o in out])
+
+
+impl(OP, "agiformer", lambda inputs: (ours_generate if "prompts" in inputs else ours_train)(inputs))
+impl(OP, "v1", lambda inputs: (v1_generate if "prompts" in inputs else v1_train)(inputs), alternative=True)
+
+# CPU (fp32): the issue's measurements. Generation makes few bytes: v1 needs ~0.1-1 s per patch.
+case(OP, "train-B1-L1024", "cpu", torch.float32, train_inputs(1, 1024), params=dict(B=1, L=1024), quick=True)
+case(OP, "train-B4-L1024", "cpu", torch.float32, train_inputs(4, 1024), params=dict(B=4, L=1024))
+case(OP, "train-B1-L16384", "cpu", torch.float32, train_inputs(1, 16384), params=dict(B=1, L=16384))
+for _B in (1, 16):
+    for _ctx in (1024, 4096):
+        case(OP, f"generate-B{_B}-ctx{_ctx}-new32", "cpu", torch.float32, generation_inputs(_B, _ctx, 32),
+             backward=False, params=dict(B=_B, context=_ctx, new_bytes=32))
+# GPU (bf16 autocast), SPEC §3: B8 L4096 train step; 1024 bytes after a 4096-byte prompt at batch 1 and 16.
+case(OP, "train-B8-L4096", "cuda", torch.bfloat16, train_inputs(8, 4096), params=dict(B=8, L=4096))
+for _B in (1, 16):
+    case(OP, f"generate-B{_B}-ctx4096-new1024", "cuda", torch.bfloat16, generation_inputs(_B, 4096, 1024),
+         backward=False, params=dict(B=_B, context=4096, new_bytes=1024))
+
+
+# ------------------------------------------------------------------ the script: the issue's numbers
+
+
+def _hwm_mib() -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def _one(kind: str, which: str, B: int, L: int, new_bytes: int, device: str, reps: int) -> dict:
+    """One measurement in this process (the script runs each in its own, for a clean RSS peak)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if kind == "train":
+        inputs = train_inputs(B, L)(device, dtype)
+        model = inputs[which]
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        run = v1_train if which == "v1" else ours_train
+
+        def step():
+            loss = run(inputs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+    else:
+        inputs = generation_inputs(B, L, new_bytes)(device, dtype)
+        run = v1_generate if which == "v1" else ours_generate
+
+        def step():
+            run(inputs)
+    del inputs["v1" if which == "ours" else "ours"]
+    if device == "cpu":
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _hwm_mib()
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = _hwm_mib() if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
+    row = dict(kind=kind, impl=which, B=B, L=L, device=device, threads=torch.get_num_threads(),
+               times_s=[round(t, 4) for t in times], best_s=min(times), peak_mib=round(peak, 1))
+    if device == "cpu":
+        row["peak_above_start_mib"] = round(peak - base, 1)
+    if kind == "generate":
+        row["new_bytes"] = new_bytes
+        row["bytes_per_s"] = B * new_bytes / min(times)
+    return row
+
+
+PLAN = {
+    "cpu": [("train", w, B, L, 0, reps) for B, L, reps in ((1, 1024, 4), (4, 1024, 3)) for w in ("ours", "v1")]
+    + [("train", w, 1, 16384, 0, 2) for w in ("ours", "v1")]
+    + [("generate", "ours", B, ctx, n, 3) for B in (1, 16) for ctx in (1024, 4096) for n in (256,)]
+    + [("generate", "ours", B, ctx, 4, 3) for B in (1, 16) for ctx in (1024, 4096)]
+    + [("generate", "v1", B, ctx, 16, 2) for B in (1, 16) for ctx in (1024, 4096)],
+    "cuda": [("train", w, 8, 4096, 0, 5) for w in ("ours", "v1")]
+    + [("generate", w, B, 4096, 1024 if w == "ours" else 64, 2) for B in (1, 16) for w in ("ours", "v1")],
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--only", help="run only the plan rows whose kind-impl-B-L contains this")
+    parser.add_argument("--one", nargs=7, help=argparse.SUPPRESS)  # internal: one row in this process
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.one:
+        kind, which, B, L, n, device, reps = args.one
+        print(json.dumps(_one(kind, which, int(B), int(L), int(n), device, int(reps))))
+        return
+    rows = []
+    for kind, which, B, L, n, reps in PLAN[args.device]:
+        name = f"{kind}-{which}-B{B}-L{L}" + (f"-new{n}" if kind == "generate" else "")
+        if args.only and args.only not in name:
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.cases.model", "--one", kind, which, str(B), str(L), str(n),
+               args.device, str(reps)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            row = dict(kind=kind, impl=which, B=B, L=L, error=done.stderr.strip().splitlines()[-1:])
+        else:
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(name, json.dumps({k: v for k, v in row.items() if k not in ("kind", "impl", "B", "L")}), flush=True)
+    out = args.out or Path(__file__).resolve().parents[1] / "results" / f"model-{args.device}.json"
+    meta = dict(load_average=os.getloadavg(), cpu_count=os.cpu_count(), torch=torch.__version__,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
