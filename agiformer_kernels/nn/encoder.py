@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 Positions = Union[int, torch.Tensor]
 
@@ -57,4 +58,9 @@ class ByteLatentEncoder(nn.Module):
 
     def step(self, patch: torch.Tensor, pos: Positions) -> torch.Tensor:
         """One complete patch ``[B, patch_size]`` at patch position ``pos`` -> ``[B, d_model]``."""
-        return self.encode(patch, pos)[:, 0]
+        # The conv over one patch is one matrix-vector product; as F.linear it skips conv1d's slow
+        # path for a length-P input.
+        e = self.byte_embedding(patch).transpose(1, 2).flatten(1)  # [B, d·P], the conv weight's layout
+        p = F.linear(e, self.patch_conv.weight.flatten(1), self.patch_conv.bias)
+        positions = pos if isinstance(pos, torch.Tensor) else torch.full(p.shape[:1], pos, device=p.device)
+        return self.dropout(self.norm(self.rope(p, positions)))

@@ -184,6 +184,22 @@ PLAN = {
 }
 
 
+def add_steady_rates(rows: list[dict]) -> None:
+    """Ours pays a prompt prefill once, then O(1) per patch: its steady rate is the difference between a
+    long and a short generation after the same prompt. v1 recomputes everything per patch: no prefill."""
+    for long in rows:
+        if long.get("kind") != "generate" or "best_s" not in long:
+            continue
+        short = [r for r in rows if r.get("kind") == "generate" and r["impl"] == long["impl"] and r["B"] == long["B"]
+                 and r["L"] == long["L"] and r.get("new_bytes", 0) < long["new_bytes"] and "best_s" in r]
+        if long["impl"] == "ours" and short:
+            extra = long["best_s"] - short[0]["best_s"]
+            long["prefill_s"] = short[0]["best_s"]
+            long["steady_bytes_per_s"] = long["B"] * (long["new_bytes"] - short[0]["new_bytes"]) / extra
+        elif long["impl"] == "v1":
+            long["steady_bytes_per_s"] = long["bytes_per_s"]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -209,6 +225,7 @@ def main(argv=None) -> None:
             row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(name, json.dumps({k: v for k, v in row.items() if k not in ("kind", "impl", "B", "L")}), flush=True)
+    add_steady_rates(rows)
     out = args.out or Path(__file__).resolve().parents[1] / "results" / f"model-{args.device}.json"
     meta = dict(load_average=os.getloadavg(), cpu_count=os.cpu_count(), torch=torch.__version__,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
