@@ -12,9 +12,9 @@
 // walks only the key (or query) range that the window lets it see, so masked work is confined to
 // the tiles on a window edge. Online softmax across chunks keeps buffers bounded for huge windows.
 //
-// Backward: a query block adds into the dk/dv rows of its key span, which overlaps the spans of
-// the next ceil((BQ + window - 1) / BQ) - 1 blocks; blocks are coloured modulo that number and
-// each colour runs in parallel over (b, h, block) with disjoint writes.
+// Backward: a query block adds into the dk/dv rows of its key span, which overlaps the spans of the
+// next ceil((BQ + window - 1) / BQ) - 1 blocks. Tasks are (b, h, chunk of consecutive blocks) whose
+// key rows are disjoint for chunks of one parity: even chunks run in parallel, then odd ones.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -158,6 +158,15 @@ Block make_block(int qb, int L, int window, const int32_t* seg_start, const int3
   blk.lo = blk.key_lo(blk.q0);  // key_lo rises with i, so the first query reaches furthest back
   blk.hi = blk.q0 + blk.nq - 1;
   return blk;
+}
+
+// Rows [l0, l1) of (b, h) towards the cache while the current block computes: a block's rows are
+// H * E elements apart, too far for the hardware prefetcher, and each block starts on fresh rows.
+template <typename T> void prefetch_rows(const Rows<T>& t, int64_t b, int64_t h, int64_t l0, int64_t l1, int E) {
+  for (int64_t l = l0; l < l1; ++l) {
+    const char* row = reinterpret_cast<const char*>(t.row(b, l, h));
+    for (int64_t off = 0; off < static_cast<int64_t>(sizeof(T)) * E; off += 64) __builtin_prefetch(row + off);
+  }
 }
 
 // Per-thread work space of one query block and one key chunk (all zero-padded).
@@ -355,12 +364,11 @@ void bwd_block(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const Rows<
     const T* g = dout.row(b, blk.q0 + i, h);
     const T* y = o.row(b, blk.q0 + i, h);
     T acc = 0;
-    for (int e = 0; e < Dv; ++e) {
-      ws.dout[i * Dvp + e] = g[e];
-      ws.doutt[e * BQ + i] = g[e];
-      acc += g[e] * y[e];
-    }
+#pragma omp simd reduction(+ : acc)
+    for (int e = 0; e < Dv; ++e) acc += g[e] * y[e];
     ws.delta[i] = acc;  // rowsum(dO ∘ O) = sum_j P_ij dP_ij
+    std::memcpy(ws.dout.data() + i * Dvp, g, sizeof(T) * Dv);
+    for (int e = 0; e < Dv; ++e) ws.doutt[e * BQ + i] = g[e];
     ws.lse[i] = lse_bh[blk.q0 + i];
   }
   T* st = ws.st.data();
@@ -402,7 +410,7 @@ void bwd_block(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const Rows<
       strip_keys(blk, c0, nk, i, k0, k1);
       gemm_strip<T, true>(dp + i, BQ, ws.kc.data(), Dp, ws.dq.data() + i * Dp, Dp, k0, k1, 0, Dp / VL, true);
     }
-    // This block's colour owns these dk/dv rows for now: no other thread writes them.
+    // This task owns these dk/dv rows for now (chunks of one parity share none).
     for (int r = 0; r < nk; ++r) {
       T* gk = dk.row(b, c0 + r, h);
       T* gv = dv.row(b, c0 + r, h);
@@ -461,6 +469,13 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q_, const at::T
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / nb, b = bh / s.H, h = bh % s.H;
         const Block blk = make_block(static_cast<int>(t % nb), static_cast<int>(s.L), s.window, ss, se);
+        if (t + 1 < end) {  // the next block's queries and the keys it adds to the span
+          const int64_t nbh = (t + 1) / nb, nb_ = nbh / s.H, nh = nbh % s.H, l0 = (t + 1) % nb * BQ;
+          const int64_t l1 = std::min<int64_t>(l0 + BQ, s.L);
+          prefetch_rows(qr, nb_, nh, l0, l1, s.D);
+          prefetch_rows(kr, nb_, nh, l0, l1, s.D);
+          prefetch_rows(vr, nb_, nh, l0, l1, s.Dv);
+        }
         fwd_block(qr, kr, vr, orow, lse_p + bh * s.L, b, h, blk, s, static_cast<scalar_t>(scale), ws);
       }
     });
@@ -486,22 +501,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& gra
   at::Tensor dk = at::zeros_like(k, k.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dv = at::zeros_like(v, v.options().memory_format(at::MemoryFormat::Contiguous));
   const int nb = static_cast<int>((s.L + BQ - 1) / BQ);
-  const int colours = std::min(nb, (BQ + s.window - 1 + BQ - 1) / BQ);
+  // Chunks of G consecutive query blocks per task, so a task's blocks reuse each other's keys in
+  // cache. Chunk c adds into key rows [c G BQ - window + 1, (c + 1) G BQ): with G BQ >= window - 1
+  // chunks of one parity never share a row, so even chunks run in parallel, then odd ones.
+  const int G = std::max({1, (s.window - 1 + BQ - 1) / BQ, 4});
+  const int chunks = (nb + G - 1) / G;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sliding_window_attention_bwd", [&] {
     const Rows<scalar_t> qr(q), kr(k), vr(v), orow(o), gr(grad_o), dqr(dq), dkr(dk), dvr(dv);
     const scalar_t* lse_p = lse.data_ptr<scalar_t>();
     const int32_t* ss = seg_start.data_ptr<int32_t>();
     const int32_t* se = seg_end.data_ptr<int32_t>();
-    for (int colour = 0; colour < colours; ++colour) {
-      const int per_bh = (nb - colour + colours - 1) / colours;  // blocks colour, colour + colours, ...
+    for (int parity = 0; parity < 2; ++parity) {
+      const int per_bh = (chunks - parity + 1) / 2;  // chunks parity, parity + 2, ...
       at::parallel_for(0, s.B * s.H * per_bh, 1, [&](int64_t begin, int64_t end) {
         Workspace<scalar_t> ws(s.D, s.Dv, true);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t bh = t / per_bh, b = bh / s.H, h = bh % s.H;
-          const int qb = colour + static_cast<int>(t % per_bh) * colours;
-          const Block blk = make_block(qb, static_cast<int>(s.L), s.window, ss, se);
-          bwd_block(qr, kr, vr, orow, gr, lse_p + bh * s.L, dqr, dkr, dvr, b, h, blk, s,
-                    static_cast<scalar_t>(scale), ws);
+          const int chunk = parity + 2 * static_cast<int>(t % per_bh);
+          const int qb_end = std::min(nb, (chunk + 1) * G);
+          for (int qb = chunk * G; qb < qb_end; ++qb) {
+            const Block blk = make_block(qb, static_cast<int>(s.L), s.window, ss, se);
+            if (qb + 1 < qb_end) {  // the next block's queries, outputs, output gradients and newest keys
+              const int64_t l0 = static_cast<int64_t>(qb + 1) * BQ, l1 = std::min<int64_t>(l0 + BQ, s.L);
+              prefetch_rows(qr, b, h, l0, l1, s.D);
+              prefetch_rows(orow, b, h, l0, l1, s.Dv);
+              prefetch_rows(gr, b, h, l0, l1, s.Dv);
+              prefetch_rows(kr, b, h, l0, l1, s.D);
+              prefetch_rows(vr, b, h, l0, l1, s.Dv);
+            }
+            bwd_block(qr, kr, vr, orow, gr, lse_p + bh * s.L, dqr, dkr, dvr, b, h, blk, s,
+                      static_cast<scalar_t>(scale), ws);
+          }
         }
       });
     }
