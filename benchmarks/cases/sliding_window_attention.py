@@ -145,8 +145,15 @@ def _flex_available(c):
     return None
 
 
+def _dense_fits(c):
+    """Dense-mask SDPA materializes [B, H, L, L] scores: skip shapes where that alone passes 4 GiB."""
+    p = c.params
+    need = p["B"] * p["H"] * p["L"] ** 2 * torch.finfo(c.dtype).bits // 8
+    return None if need <= 4 * 2**30 else f"dense [B, H, L, L] scores need {need / 2**30:.0f} GiB"
+
+
 impl(OP, "torch-blocked", torch_blocked, alternative=True)
-impl(OP, "sdpa-dense-mask", sdpa_dense, alternative=True)
+impl(OP, "sdpa-dense-mask", sdpa_dense, available=_dense_fits, alternative=True)
 impl(OP, "flex-attention", flex, available=_flex_available, alternative=True)
 
 

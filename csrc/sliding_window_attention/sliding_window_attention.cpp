@@ -544,8 +544,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& gra
 template <typename T>
 void step_kernel(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const int64_t* pos, T* o, int64_t B,
                  int64_t H, int64_t D, int64_t Dv, int64_t W, T scale) {
-  // Small work per task: let one thread take several (b, h) pairs.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * (D + Dv)));
+  // A decode step is microseconds of work: fork threads only for batches worth it (~256k MACs each).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, W * (D + Dv)));
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> p(W);
     std::vector<T> acc(Dv);
@@ -599,7 +599,8 @@ at::Tensor swa_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
               "k_cache, v_cache must have q's dtype");
   TORCH_CHECK(pos.numel() == B, "pos must have B entries");
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), pc = pos.contiguous();
-  TORCH_CHECK(B == 0 || pc.min().item<int64_t>() >= 0, "pos must be >= 0");
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(pp[b] >= 0, "pos must be >= 0, got ", pp[b]);
   at::Tensor o = at::empty({B, H, Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sliding_window_attention_step", [&] {
     step_kernel<scalar_t>(qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
