@@ -42,14 +42,14 @@ def _prefill(model: AGIFORMER, prompts: list[bytes], device: torch.device):
         x = torch.tensor([list(prompts[b][: n * P]) for b in rows], dtype=torch.long, device=device)
         lat, st = model.prefill(x)
         if len(groups) == 1:
-            latent, states = lat[:, -1], st
+            latent, states = lat, st
             break
         if states is None:
             latent = lat.new_zeros(len(prompts), lat.shape[-1])
             states = [tuple(tuple(t.new_zeros(len(prompts), *t.shape[1:]) for t in part) for part in layer)
                       for layer in st]
         idx = torch.tensor(rows, device=device)
-        latent[idx] = lat[:, -1]
+        latent[idx] = lat
         for full, part in zip(_tensors(states), _tensors(st)):
             full[idx] = part
     pos = torch.tensor([len(p) // P for p in prompts], dtype=torch.long, device=device)

@@ -72,14 +72,14 @@ class AGIFORMER(nn.Module):
     # Streaming: prefill a prompt's complete patches, then one patch per step in O(1) of the context.
 
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, list[LayerState]]:
-        """Bytes ``[B, N·P]`` at patch positions 0..N−1 -> (latents ``[B, N, d_model]``, per-layer state
-        for ``step`` at position N)."""
+        """Bytes ``[B, N·P]`` at patch positions 0..N−1 -> (the last patch's latent ``[B, d_model]``,
+        per-layer state for ``step`` at position N)."""
         z = self.encoder(x)
         states = []
         for layer in self.layers:
             z, state = layer.prefill(z)
             states.append(state)
-        return self._top(z), states
+        return self._top(z[:, -1]), states
 
     def step(self, patch: torch.Tensor, states: list[LayerState], pos: Union[int, torch.Tensor]) -> torch.Tensor:
         """One complete patch ``[B, P]`` at patch position ``pos`` (int or int64 ``[B]``) -> its latent

@@ -144,6 +144,15 @@ def _distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every rank when it is true on one: ranks must agree before leaving the loop together."""
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
 def train(cfg: dict, *, quiet: bool = False) -> dict:
     """Run training as ``cfg`` says (a preset merged with flags); returns the last metrics row."""
     rank, world, local_rank = _distributed()
@@ -255,7 +264,7 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
                 save(out / "best.pt")
             if step % cfg["checkpoint_every"] == 0 or final:
                 save(out / "last.pt")
-            if cfg["max_minutes"] and elapsed > 60 * cfg["max_minutes"] and not final:
+            if cfg["max_minutes"] and not final and _any_rank(elapsed > 60 * cfg["max_minutes"], device, world):
                 say(f"time limit of {cfg['max_minutes']} min reached at step {step}")
                 save(out / "last.pt")
                 break

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dropout import Dropout
+
 Positions = Union[int, torch.Tensor]
 
 
@@ -31,7 +33,7 @@ class ByteLatentEncoder(nn.Module):
         self.patch_conv = nn.Conv1d(d_model, d_model, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, d_model, 2).float() / d_model)))
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def rope(self, p: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``p [..., d]`` by the angles of integer ``positions`` (shape ``p.shape[:-1]``, broadcastable)."""
@@ -44,8 +46,14 @@ class ByteLatentEncoder(nn.Module):
     def encode(self, x: torch.Tensor, start: Positions = 0) -> torch.Tensor:
         """Bytes ``[B, L]`` whose first patch sits at patch position ``start`` (int, or int64 ``[B]``)
         -> ``[B, L // patch_size, d_model]``."""
-        p = self.patch_conv(self.byte_embedding(x).transpose(1, 2)).transpose(1, 2)
-        positions = torch.arange(p.shape[1], device=p.device)
+        B, L = x.shape
+        P, N = self.patch_size, x.shape[1] // self.patch_size
+        # A kernel = stride convolution is one matrix product over each patch's P·d embedded bytes
+        # (conv1d would first transpose the embeddings and keep that copy for backward).
+        e = self.byte_embedding(x[:, : N * P]).reshape(B, N, -1)  # [B, N, P·d], byte-major
+        w = self.patch_conv.weight  # [d_out, d_in, P]
+        p = F.linear(e, w.permute(0, 2, 1).flatten(1), self.patch_conv.bias)
+        positions = torch.arange(N, device=p.device)
         if isinstance(start, torch.Tensor):
             positions = start.unsqueeze(-1) + positions
         else:
@@ -58,9 +66,4 @@ class ByteLatentEncoder(nn.Module):
 
     def step(self, patch: torch.Tensor, pos: Positions) -> torch.Tensor:
         """One complete patch ``[B, patch_size]`` at patch position ``pos`` -> ``[B, d_model]``."""
-        # The conv over one patch is one matrix-vector product; as F.linear it skips conv1d's slow
-        # path for a length-P input.
-        e = self.byte_embedding(patch).transpose(1, 2).flatten(1)  # [B, d·P], the conv weight's layout
-        p = F.linear(e, self.patch_conv.weight.flatten(1), self.patch_conv.bias)
-        positions = pos if isinstance(pos, torch.Tensor) else torch.full(p.shape[:1], pos, device=p.device)
-        return self.dropout(self.norm(self.rope(p, positions)))
+        return self.encode(patch, pos)[:, 0]

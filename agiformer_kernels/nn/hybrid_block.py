@@ -9,14 +9,10 @@ import torch.nn as nn
 
 from . import linear_attention, sliding_window_attention
 from .linear_attention import LinearAttention
+from .mlp import MLP
 from .sliding_window_attention import SlidingWindowAttention
 
 State = tuple[sliding_window_attention.State, linear_attention.State]
-
-
-def mlp(d_model: int, dropout: float) -> nn.Sequential:
-    """Linear(d, 4d) → exact GELU → Linear(4d, d) → dropout (v1 indices 0 and 2 hold the weights)."""
-    return nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
 
 
 class HybridBlock(nn.Module):
@@ -29,7 +25,7 @@ class HybridBlock(nn.Module):
         self.attn = SlidingWindowAttention(d_model, num_heads, window_size, backend=backend)
         self.ssm = LinearAttention(d_model, num_heads, dropout, backend=backend)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.mlp = mlp(d_model, dropout)
+        self.mlp = MLP(d_model, dropout)
         self.norm_mlp = nn.LayerNorm(d_model)
 
     def _finish(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

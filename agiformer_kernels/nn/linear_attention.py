@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .. import linear_attention, linear_attention_step
+from .dropout import Dropout
 
 State = tuple[torch.Tensor, torch.Tensor]  # (S [B, H, E, E], z [B, H, E]), fp32 (fp64 for fp64 inputs)
 
@@ -32,7 +33,7 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .hybrid_block import mlp
+from .mlp import MLP
 
 
 class RecurrentReasoningBlock(nn.Module):
@@ -22,7 +22,7 @@ class RecurrentReasoningBlock(nn.Module):
         super().__init__()
         self.thinking_steps = thinking_steps
         self.backend = backend
-        self.think_mlp = mlp(d_model, dropout)
+        self.think_mlp = MLP(d_model, dropout)
         self.norm = nn.LayerNorm(d_model)
         self.gate = nn.Linear(d_model, d_model)
 

@@ -111,3 +111,30 @@ def test_cpu_backend_layers_match_v1_fp32():
     head.load_state_dict(head_ref.state_dict())
     latent, y = torch.randn(3, 5, 32), torch.randint(0, 256, (3, 20))
     assert_close("head cpu", head(latent, y), head_ref.double()(latent.double(), y), tol=1e-5)
+
+
+def test_mlp_recomputing_gelu_has_exact_gradients():
+    from agiformer_kernels.nn.mlp import MLP, gelu_mlp
+
+    mlp = MLP(8, 0.0).to(F64)
+    x = torch.randn(2, 5, 8, dtype=F64, requires_grad=True)
+    params = (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
+    assert torch.autograd.gradcheck(gelu_mlp, (x, *params))
+    plain = torch.nn.Sequential(*mlp)  # nn.Sequential's own forward: autograd through F.gelu
+    assert_close("forward", mlp(x), plain(x))
+    with torch.no_grad():
+        assert_close("no-grad forward", mlp(x), plain(x))
+
+
+def test_dropout_with_bool_mask():
+    from agiformer_kernels.nn.dropout import Dropout
+
+    drop = Dropout(0.3).to(F64)
+    x = torch.randn(64, 64, dtype=F64, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert_close("kept scaled", y[kept], x[kept] / 0.7)
+    assert 0.6 < float(kept.double().mean()) < 0.8
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, kept.to(F64) / 0.7)
+    assert torch.equal(drop.eval()(x), x)
