@@ -175,7 +175,6 @@ template <typename T> struct Workspace {
   std::vector<T> qt, qs, kc, vc, st, out, m, l, dout, doutt, dp, dq, dkc, dvc, delta, lse;
   Workspace(int D, int Dv, bool backward) : Dp(round_up(D, Vec<T>::n)), Dvp(round_up(Dv, Vec<T>::n)) {
     qt.assign(static_cast<size_t>(D) * BQ, T(0));
-    qs.assign(static_cast<size_t>(BQ) * Dp, T(0));
     kc.assign(static_cast<size_t>(KC) * Dp, T(0));
     vc.assign(static_cast<size_t>(KC) * Dvp, T(0));
     st.assign(static_cast<size_t>(KC) * BQ, T(0));
@@ -185,6 +184,7 @@ template <typename T> struct Workspace {
       l.assign(BQ, T(0));
       return;
     }
+    qs.assign(static_cast<size_t>(BQ) * Dp, T(0));
     dout.assign(static_cast<size_t>(BQ) * Dvp, T(0));
     doutt.assign(static_cast<size_t>(Dv) * BQ, T(0));
     dp.assign(static_cast<size_t>(KC) * BQ, T(0));
