@@ -65,7 +65,8 @@ def generation_inputs(B: int, context: int, new_bytes: int):
 
 def _autocast(inputs):
     dtype = inputs["dtype"]
-    device = inputs["seq"].device.type if "seq" in inputs else next(inputs["ours"].parameters()).device.type
+    model = inputs.get("ours") or inputs["v1"]
+    device = next(model.parameters()).device.type
     return torch.autocast(device, dtype) if dtype != torch.float32 else torch.autocast(device, enabled=False)
 
 
