@@ -84,34 +84,31 @@ def as64(x, names=FLOAT_NAMES):
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_oracle(M, P, h):
-    x, b = make_inputs(M, P, h, torch.float64)
+def _decode_oracle(M, P, h, dtype):
+    x, b = make_inputs(M, P, h, dtype)
     x64 = as64(x, DECODE_NAMES)
     hidden = R.naive_decode(*decode_args(x64, b))
     hidden.backward(upstream(hidden.shape))
     return hidden.detach(), {k: v.grad for k, v in x64.items()}
 
 
-def decode_oracle(M, P, h):
-    """Naive float64 hidden states of make_inputs(M, P, h) and the gradients of <hidden, upstream>.
-
-    Inputs of a low-precision dtype are the float64 values rounded, so the oracle of a bf16 test is
-    the float64 run on the rounded values (see decode_oracle_of)."""
-    return _decode_oracle(M, P, h)
+def decode_oracle(M, P, h, dtype=torch.float64):
+    """Naive float64 hidden states of make_inputs(M, P, h, dtype) (the values rounded to dtype, then run in
+    float64) and the gradients of <hidden, upstream>. Cached: tests of several backends share it."""
+    return _decode_oracle(M, P, h, dtype)
 
 
-def decode_oracle_of(x, prev_bytes):
-    x64 = as64(x, DECODE_NAMES)
-    hidden = R.naive_decode(*decode_args(x64, prev_bytes.cpu()))
-    hidden.backward(upstream(hidden.shape))
-    return hidden.detach(), {k: v.grad for k, v in x64.items()}
-
-
-def loss_oracle_of(x, targets, sos=0, reduction="mean"):
+@functools.lru_cache(maxsize=None)
+def _loss_oracle(M, P, h, dtype, sos, reduction):
+    x, b = make_inputs(M, P, h, dtype)
     x64 = as64(x)
-    loss = R.naive_loss(*loss_args(x64, targets.cpu()), sos=sos, reduction=reduction)
+    loss = R.naive_loss(*loss_args(x64, b), sos=sos, reduction=reduction)
     loss.backward(upstream(loss.shape) if reduction == "none" else None)
     return loss.detach(), {k: v.grad for k, v in x64.items()}
+
+
+def loss_oracle(M, P, h, dtype, sos=0, reduction="mean"):
+    return _loss_oracle(M, P, h, dtype, sos, reduction)
 
 
 def run_with_grads(fn, x, names, grad_out_shape=None):
@@ -154,7 +151,7 @@ def check_decode(backend, M, P, h, dtype, device="cpu"):
     x, b = make_inputs(M, P, h, dtype, device, requires_grad=True)
     hidden, grads = run_with_grads(lambda: gru_patch_decode(*decode_args(x, b), backend=backend), x, DECODE_NAMES,
                                    grad_out_shape=True)
-    ref, ref_grads = decode_oracle(M, P, h) if dtype == torch.float64 else decode_oracle_of(x, b)
+    ref, ref_grads = decode_oracle(M, P, h, dtype)
     if dtype in (torch.float16, torch.bfloat16):
         xr = {k: v.detach().cpu().requires_grad_() for k, v in x.items()}
         same, same_grads = run_with_grads(lambda: R.decode(*decode_args(xr, b.cpu())), xr, DECODE_NAMES, True)
@@ -178,7 +175,7 @@ def check_loss(backend, M, P, h, dtype, reduction, device="cpu"):
     fn = lambda: gru_patch_loss(*loss_args(x, b), sos=7, reduction=reduction, backend=backend)  # noqa: E731
     loss, grads = run_with_grads(fn, x, FLOAT_NAMES, grad_out_shape=True if reduction == "none" else None)
     assert loss.dtype == R.acc_dtype(dtype), "the loss is fp32 (fp64 for fp64 inputs)"
-    ref, ref_grads = loss_oracle_of(x, b, sos=7, reduction=reduction)
+    ref, ref_grads = loss_oracle(M, P, h, dtype, sos=7, reduction=reduction)
     if dtype in (torch.float16, torch.bfloat16):
         xr = {k: v.detach().cpu().requires_grad_() for k, v in x.items()}
         same, same_grads = run_with_grads(
@@ -247,7 +244,7 @@ def test_reference_loss_matches_naive(M, P, h, reduction):
     x, b = make_inputs(M, P, h, torch.float64, requires_grad=True)
     fn = lambda: R.loss(*loss_args(x, b), sos=7, reduction=reduction)  # noqa: E731
     loss, grads = run_with_grads(fn, x, FLOAT_NAMES, True if reduction == "none" else None)
-    ref, ref_grads = loss_oracle_of(x, b, sos=7, reduction=reduction)
+    ref, ref_grads = loss_oracle(M, P, h, torch.float64, sos=7, reduction=reduction)
     assert_close("loss", loss, ref, tol=1e-10)
     for k in FLOAT_NAMES:
         if not (P == 1 and k == "weight_hh"):

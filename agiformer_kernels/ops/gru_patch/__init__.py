@@ -6,6 +6,7 @@ projected latent c: step t reads x_t = [byte_emb[b_t] | c], h_0 = 0, b_0 = sos.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -13,6 +14,9 @@ import torch
 from ... import backends
 from ..common import check_byte_range, check_float, check_index, check_same, check_shape
 from . import cpp, reference  # noqa: F401  (register the "cpu"/"cuda" and "reference" backends)
+
+if importlib.util.find_spec("triton") is not None:
+    from . import triton  # noqa: F401  (registers the "triton" backends)
 from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB
 
 REDUCTIONS = ("mean", "sum", "none")

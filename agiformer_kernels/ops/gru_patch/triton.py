@@ -1,0 +1,655 @@
+"""Triton GRU patch decoder: recurrence kernels (forward, backward, sampling) and a fused head + cross-entropy.
+
+The launchers do the two products that need no recurrence with one GEMM each, as the op's structure
+allows: the byte table E·W_ih[:, :h]ᵀ (256×3h) and gc = c·W_ih[:, h:]ᵀ + b_ih (M×3h). The kernels then
+run all P steps of a tile of BLOCK_M patches:
+
+- ``gru_fwd_kernel``: grid (cdiv(M, BLOCK_M),). Per step and per block of BLOCK_N hidden units: gather
+  the table rows of the step's bytes, add gc, the three W_hh products over K blocks (h_{t-1} read back
+  from the hidden output, which the step wrote: L2-resident), gates fused, h_t and [r, z, n, W_hn·h + b_hn]
+  stored. A barrier per step makes h_t visible to the whole program.
+- ``gru_bwd_kernel``: same grid, the steps in reverse: gate gradients dgi = dL/d(W_ih·x), dgh =
+  dL/d(W_hh·h) stored per step, dL/dh_{t-1} = dh·z + dgh·W_hh + upstream kept in a [M, h] scratch row.
+  Weight gradients are then GEMMs over those stored gate gradients (and one index_add for the table).
+- ``gru_sample_kernel``: the fwd step, then logits = h·W_headᵀ + b (BLOCK_M×256 on chip), the byte
+  chosen in-kernel (argmax, or inverse CDF of softmax(logits/T) restricted to the top_k with the
+  counter-based hash of reference.counter_uniform), and fed back as the next step's gather index.
+- ``ce_fwd_kernel`` / ``ce_bwd_dh_kernel`` / ``ce_bwd_dw_kernel``: head + cross-entropy over the M·P
+  hidden rows without materialising logits: the forward keeps a BLOCK_R×256 logits tile on chip and
+  writes the log-sum-exp; the backward recomputes tiles from it (row-parallel for dL/dh, vocabulary-block
+  × row-split parallel for the head's weight gradient, reduced over splits afterwards).
+
+Accumulation is fp32 (fp64 for fp64 inputs); fp32 products use IEEE precision (not tf32). On CPU tensors
+the kernels run through the Triton interpreter (tests only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ... import backends
+from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype, draw_seed
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HIDDEN = 1024  # the head's weight-gradient kernel holds a BLOCK_V × h tile
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (interpreter with bf16/fp16 only: its dot multiplies the raw 16-bit storage)
+    takes the product in fp32, exact for 16-bit operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (1 + e^{2x}) saturates to ±1 without inf/inf
+    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * x))
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _order_key(x):
+    """Integers ordered as the floats x: the sign-magnitude bits with the magnitude flipped below zero."""
+    if x.dtype == tl.float64:
+        bits = x.to(tl.int64, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+
+
+@triton.jit
+def _kth_key(logits, k):
+    """Per row, the order key of the k-th largest logit: the largest key v with #{key >= v} >= k, found by
+    bisection over the integers (a sort of each 256-wide row costs far more, in the interpreter above all)."""
+    key = _order_key(logits)
+    lo = tl.min(key, 1)
+    hi = tl.max(key, 1)
+    for _ in range(0, 65 if logits.dtype == tl.float64 else 33):  # the interval halves each round
+        # hi - lo may pass 2^63 for float64 keys: the unsigned difference is exact
+        half = ((hi.to(tl.uint64, bitcast=True) - lo.to(tl.uint64, bitcast=True) + 1) >> 1).to(tl.int64)
+        mid = lo + half
+        enough = tl.sum((key >= mid[:, None]).to(tl.int32), 1) >= k
+        active = lo < hi
+        lo, hi = tl.where(active & enough, mid, lo), tl.where(active & ~enough, mid - 1, hi)
+    return lo
+
+
+@triton.jit
+def _gru_units(gc_ptr, table_ptr, b, w_hh_ptr, b_hh_ptr, hprev_ptr, stride_hprev, rows, row_ok, cols, col_ok, t, H,
+               ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One step for hidden units `cols` of rows `rows`: returns (r, z, n, hn, h_new), [BLOCK_M, BLOCK_N] each.
+    h_{t-1} is read from hprev_ptr (row stride stride_hprev); t == 0 means h_{t-1} = 0."""
+    G = 3 * H
+    mask = row_ok[:, None] & col_ok[None, :]
+    gc = gc_ptr + rows[:, None] * G + cols[None, :]
+    tb = table_ptr + b[:, None] * G + cols[None, :]
+    a_r = tl.load(gc, mask=mask, other=0.0) + tl.load(tb, mask=mask, other=0.0)
+    a_z = tl.load(gc + H, mask=mask, other=0.0) + tl.load(tb + H, mask=mask, other=0.0)
+    i_n = tl.load(gc + 2 * H, mask=mask, other=0.0) + tl.load(tb + 2 * H, mask=mask, other=0.0)
+    hr = tl.zeros([BLOCK_M, BLOCK_N], ACC) + tl.load(b_hh_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    hz = tl.zeros([BLOCK_M, BLOCK_N], ACC) + tl.load(b_hh_ptr + H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    hn = tl.zeros([BLOCK_M, BLOCK_N], ACC) + tl.load(b_hh_ptr + 2 * H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    hp = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    if t > 0:
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            hk = tl.load(hprev_ptr + rows[:, None] * stride_hprev + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            w = w_hh_ptr + cols[None, :] * H + ks[:, None]  # [BLOCK_K, BLOCK_N] view of W_hhᵀ
+            wmask = k_ok[:, None] & col_ok[None, :]
+            w_r = tl.load(w, mask=wmask, other=0.0)
+            hk = hk.to(w_r.dtype)
+            hr = _dot(hk, w_r, hr, PRECISION, UPCAST)
+            hz = _dot(hk, tl.load(w + H * H, mask=wmask, other=0.0), hz, PRECISION, UPCAST)
+            hn = _dot(hk, tl.load(w + 2 * H * H, mask=wmask, other=0.0), hn, PRECISION, UPCAST)
+        hp = tl.load(hprev_ptr + rows[:, None] * stride_hprev + cols[None, :], mask=mask, other=0.0)
+    r = _sigmoid(a_r + hr)
+    z = _sigmoid(a_z + hz)
+    n = _tanh(i_n + r * hn)
+    return r, z, n, hn, n + z * (hp - n)
+
+
+@triton.jit
+def gru_fwd_kernel(gc_ptr, table_ptr, bytes_ptr, w_hh_ptr, b_hh_ptr, hid_ptr, out_ptr, gates_ptr, M, P, H,
+                   SAVE: tl.constexpr, CAST_OUT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """hid [M, P, H] (acc dtype) ← h_1..h_P; out: the same in the input dtype when CAST_OUT; gates [M, P, 4H]."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    for t in range(0, P):
+        b = tl.load(bytes_ptr + rows * P + t, mask=row_ok, other=0)
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            r, z, n, hn, h_new = _gru_units(gc_ptr, table_ptr, b, w_hh_ptr, b_hh_ptr, hid_ptr + (t - 1) * H, P * H,
+                                            rows, row_ok, cols, col_ok, t, H, ACC, BLOCK_M, BLOCK_N, BLOCK_K,
+                                            PRECISION, UPCAST)
+            mask = row_ok[:, None] & col_ok[None, :]
+            at = (rows[:, None] * P + t) * H + cols[None, :]
+            tl.store(hid_ptr + at, h_new, mask=mask)
+            if CAST_OUT:
+                tl.store(out_ptr + at, h_new.to(out_ptr.dtype.element_ty), mask=mask)
+            if SAVE:
+                g = gates_ptr + (rows[:, None] * P + t) * 4 * H + cols[None, :]
+                tl.store(g, r, mask=mask)
+                tl.store(g + H, z, mask=mask)
+                tl.store(g + 2 * H, n, mask=mask)
+                tl.store(g + 3 * H, hn, mask=mask)
+        tl.debug_barrier()
+
+
+@triton.jit
+def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_ptr, dd_ptr, M, P, H,
+                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dgi, dgh [M, P, 3H] ← gate gradients; dh, dd: [M, H] scratch (dL/dh_t and its direct part dh·z)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    G = 3 * H
+    for s in range(0, P):
+        t = P - 1 - s
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols < H)[None, :]
+            unit = rows[:, None] * H + cols[None, :]
+            if s == 0:
+                dh = tl.load(dH_ptr + (rows[:, None] * P + t) * H + cols[None, :], mask=mask, other=0.0)
+            else:
+                dh = tl.load(dh_ptr + unit, mask=mask, other=0.0)
+            g = gates_ptr + (rows[:, None] * P + t) * 4 * H + cols[None, :]
+            r = tl.load(g, mask=mask, other=0.0)
+            z = tl.load(g + H, mask=mask, other=0.0)
+            n = tl.load(g + 2 * H, mask=mask, other=0.0)
+            hn = tl.load(g + 3 * H, mask=mask, other=0.0)
+            hp = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+            if t > 0:
+                hp = tl.load(hid_ptr + (rows[:, None] * P + t - 1) * H + cols[None, :], mask=mask, other=0.0)
+            dan = dh * (1.0 - z) * (1.0 - n * n)
+            daz = dh * (hp - n) * z * (1.0 - z)
+            dar = dan * hn * r * (1.0 - r)
+            at = (rows[:, None] * P + t) * G + cols[None, :]
+            tl.store(dgi_ptr + at, dar, mask=mask)
+            tl.store(dgi_ptr + at + H, daz, mask=mask)
+            tl.store(dgi_ptr + at + 2 * H, dan, mask=mask)
+            tl.store(dgh_ptr + at, dar, mask=mask)
+            tl.store(dgh_ptr + at + H, daz, mask=mask)
+            tl.store(dgh_ptr + at + 2 * H, dan * r, mask=mask)
+            tl.store(dd_ptr + unit, dh * z, mask=mask)
+        tl.debug_barrier()
+        if t > 0:
+            # dL/dh_{t-1} = dh·z + dgh_t·W_hh + upstream at t-1
+            for n0 in range(0, H, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < H
+                mask = row_ok[:, None] & col_ok[None, :]
+                unit = rows[:, None] * H + cols[None, :]
+                acc = tl.load(dd_ptr + unit, mask=mask, other=0.0) + tl.load(
+                    dH_ptr + (rows[:, None] * P + t - 1) * H + cols[None, :], mask=mask, other=0.0)
+                for k0 in range(0, G, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < G
+                    w = tl.load(w_hh_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                                other=0.0)
+                    d = tl.load(dgh_ptr + (rows[:, None] * P + t) * G + ks[None, :],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    acc = _dot(d.to(w.dtype), w, acc, PRECISION, UPCAST)
+                tl.store(dh_ptr + unit, acc, mask=mask)
+            tl.debug_barrier()
+
+
+@triton.jit
+def _head_logits(h_ptr, stride_h, rows, row_ok, hw_ptr, hb_ptr, H, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_R, V] logits = h[rows]·W_headᵀ + b_head."""
+    vs = tl.arange(0, V)
+    acc = tl.zeros([BLOCK_R, V], ACC) + tl.load(hb_ptr + vs).to(ACC)[None, :]
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        w = tl.load(hw_ptr + vs[None, :] * H + ks[:, None], mask=k_ok[:, None], other=0.0)  # [BLOCK_K, V]
+        hk = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(hk.to(w.dtype), w, acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def gru_sample_kernel(gc_ptr, table_ptr, w_hh_ptr, b_hh_ptr, hw_ptr, hb_ptr, prefix_ptr, seed_ptr, out_ptr, h_ptr,
+                      M, P, H, forced, sos, inv_temp, top_k, GREEDY: tl.constexpr, TOP_K: tl.constexpr,
+                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """out [M, P] int64 ← bytes; h: [2, M, H] scratch (h_t ping-pongs so a step reads h_{t-1} whole)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    vs = tl.arange(0, V)
+    b = tl.zeros([BLOCK_M], tl.int64) + sos
+    if not GREEDY:
+        s0 = tl.load(seed_ptr).to(tl.uint32)
+        s1 = tl.load(seed_ptr + 1).to(tl.uint32)
+        row_hash = _mix32(_mix32(s0 ^ rows.to(tl.uint32)) ^ s1)
+    for t in range(0, P):
+        h_prev = h_ptr + (t % 2) * M * H
+        h_next = h_ptr + ((t + 1) % 2) * M * H
+        for n0 in range(0, H, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < H
+            _, _, _, _, h_new = _gru_units(gc_ptr, table_ptr, b, w_hh_ptr, b_hh_ptr, h_prev, H, rows, row_ok, cols,
+                                           col_ok, t, H, ACC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+            tl.store(h_next + rows[:, None] * H + cols[None, :], h_new, mask=row_ok[:, None] & col_ok[None, :])
+        tl.debug_barrier()
+        if t < forced:
+            b = tl.load(prefix_ptr + rows * forced + t, mask=row_ok, other=0).to(tl.int64)
+        else:
+            logits = _head_logits(h_next, H, rows, row_ok, hw_ptr, hb_ptr, H, ACC, BLOCK_M, BLOCK_K, V, PRECISION,
+                                  UPCAST)
+            best = tl.argmax(logits, 1).to(tl.int64)  # first index on ties, as torch.argmax
+            if GREEDY:
+                b = best
+            else:
+                if TOP_K:
+                    logits = tl.where(_order_key(logits) >= _kth_key(logits, top_k)[:, None], logits, float("-inf"))
+                mx = tl.max(logits, 1)
+                c = tl.cumsum(tl.exp((logits - mx[:, None]) * inv_temp), 1)
+                u = (_mix32(row_hash ^ t) >> 8).to(ACC) * (1.0 / 16777216.0)
+                target = u * tl.max(c, 1)
+                chosen = tl.sum((c <= target[:, None]).to(tl.int64), 1)
+                b = tl.where(chosen < V, chosen, best)
+            b = tl.where(row_ok, b, 0)
+        tl.store(out_ptr + rows * P + t, b, mask=row_ok)
+
+
+@triton.jit
+def ce_fwd_kernel(h_ptr, hw_ptr, hb_ptr, y_ptr, loss_ptr, lse_ptr, R, H, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_K: tl.constexpr, V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """loss, lse [R] ← cross-entropy of h [R, H] through the head; the logits tile never leaves the chip."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    logits = _head_logits(h_ptr, H, rows, row_ok, hw_ptr, hb_ptr, H, ACC, BLOCK_R, BLOCK_K, V, PRECISION, UPCAST)
+    mx = tl.max(logits, 1)
+    lse = mx + tl.log(tl.sum(tl.exp(logits - mx[:, None]), 1))
+    y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    picked = tl.sum(tl.where(tl.arange(0, V)[None, :] == y[:, None], logits, 0.0), 1)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(loss_ptr + rows, lse - picked, mask=row_ok)
+
+
+@triton.jit
+def _softmax_grad(logits, lse, g, y, V: tl.constexpr):
+    """g·(softmax - onehot(y)) from logits [R, V], lse [R], g [R], y [R]."""
+    p = tl.exp(logits - lse[:, None])
+    return g[:, None] * (p - (tl.arange(0, V)[None, :] == y[:, None]).to(p.dtype))
+
+
+@triton.jit
+def ce_bwd_dh_kernel(h_ptr, hw_ptr, hb_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, R, H, ACC: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, V: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dh [R, H] ← dL/dh = g·(softmax - onehot)·W_head, the logits recomputed from the saved lse."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    vs = tl.arange(0, V)
+    logits = _head_logits(h_ptr, H, rows, row_ok, hw_ptr, hb_ptr, H, ACC, BLOCK_R, BLOCK_K, V, PRECISION, UPCAST)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    dl = _softmax_grad(logits, lse, g, y, V)
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        w = tl.load(hw_ptr + vs[:, None] * H + cols[None, :], mask=col_ok[None, :], other=0.0)  # [V, BLOCK_N]
+        acc = _dot(dl.to(w.dtype), w, tl.zeros([BLOCK_R, BLOCK_N], ACC), PRECISION, UPCAST)
+        tl.store(dh_ptr + rows[:, None] * H + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def ce_bwd_dw_kernel(h_ptr, hw_ptr, hb_ptr, y_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, R, H, rows_per_split,
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """grid (256 / BLOCK_V, splits): dw [splits, 256, H], db [splits, 256] ← the head's gradient over the
+    split's rows, for the program's vocabulary block (its logits columns recomputed from the saved lse)."""
+    vb = tl.program_id(0)
+    split = tl.program_id(1)
+    vs = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    hs = tl.arange(0, BLOCK_H)
+    h_ok = hs < H
+    w = tl.load(hw_ptr + vs[None, :] * H + hs[:, None], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, BLOCK_V]
+    bias = tl.load(hb_ptr + vs).to(ACC)
+    dw = tl.zeros([BLOCK_V, BLOCK_H], ACC)
+    db = tl.zeros([BLOCK_V], ACC)
+    r_lo = split * rows_per_split
+    for r0 in range(r_lo, r_lo + rows_per_split, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        hrow = tl.load(h_ptr + rows[:, None] * H + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        hrow = hrow.to(w.dtype)
+        logits = _dot(hrow, w, tl.zeros([BLOCK_R, BLOCK_V], ACC), PRECISION, UPCAST) + bias[None, :]
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)  # 0 on padding rows: they add nothing
+        y = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        p = tl.exp(logits - lse[:, None])
+        dl = g[:, None] * (p - (vs[None, :] == y[:, None]).to(p.dtype))
+        db += tl.sum(dl, 0)
+        dw = _dot(tl.trans(dl).to(w.dtype), hrow, dw, PRECISION, UPCAST)
+    tl.store(dw_ptr + split * 256 * H + vs[:, None] * H + hs[None, :], dw, mask=h_ok[None, :])
+    tl.store(db_ptr + split * 256 + vs, db)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+class _Config:
+    """Block sizes and dot flags of one call. The interpreter runs programs one after another, so it
+    gets the widest blocks (fewest programs and loop trips); a GPU gets register-sized ones."""
+
+    def __init__(self, h: int, dtype: torch.dtype, device: torch.device):
+        width = max(16, triton.next_power_of_2(h))
+        gpu = device.type == "cuda"
+        self.block_m = 32 if gpu else 256
+        self.block_n = min(width, 64 if gpu else 256)
+        self.block_k = min(width, 64 if gpu else 256)
+        self.block_r = 32 if gpu else 512  # rows of the head kernels
+        self.block_v = 32 if gpu else VOCAB
+        self.block_h = width
+        self.acc = tl.float64 if dtype == torch.float64 else tl.float32
+        self.precision = "ieee"  # fp32 products stay fp32 (tf32 would cost ~1e-3 relative)
+        self.upcast = INTERPRET and dtype in (torch.float16, torch.bfloat16)
+
+    def dots(self) -> dict:
+        return dict(ACC=self.acc, PRECISION=self.precision, UPCAST=self.upcast)
+
+
+def _input_parts(context, byte_emb, weight_ih, bias_ih):
+    """The byte table [256, 3h] and gc = c·W_ih[:, h:]ᵀ + b_ih [M, 3h], in the accumulation dtype: one GEMM each."""
+    a = acc_dtype(context.dtype)
+    h = context.shape[1]
+    w_ih = weight_ih.to(a)
+    table = (byte_emb.to(a) @ w_ih[:, :h].T).contiguous()
+    gc = F.linear(context.to(a), w_ih[:, h:], bias_ih.to(a)).contiguous()
+    return table, gc
+
+
+def _recurrence_fwd(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save, cast_out):
+    """(hidden in the accumulation dtype, hidden in the input dtype or None, gates or an empty [0, P, 4h])."""
+    (M, h), P = context.shape, prev_bytes.shape[1]
+    a = acc_dtype(context.dtype)
+    cfg = _Config(h, context.dtype, context.device)
+    table, gc = _input_parts(context, byte_emb, weight_ih, bias_ih)
+    hid = torch.empty(M, P, h, dtype=a, device=context.device)
+    out = torch.empty(M, P, h, dtype=context.dtype, device=context.device) if cast_out else None
+    gates = torch.empty(M if save else 0, P, 4 * h, dtype=a, device=context.device)
+    if M > 0:
+        gru_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
+            gc, table, prev_bytes.contiguous(), weight_hh.contiguous(), bias_hh.contiguous(), hid,
+            hid if out is None else out, gates if save else hid, M, P, h, SAVE=save, CAST_OUT=cast_out,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.dots())
+    return hid, out, gates
+
+
+def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates):
+    """The six GRU gradients, in the input dtype, from dL/dhidden [M, P, h]."""
+    (M, h), P = context.shape, prev_bytes.shape[1]
+    dtype, a = context.dtype, acc_dtype(context.dtype)
+    cfg = _Config(h, dtype, context.device)
+    dH = grad_hidden.to(a).contiguous()
+    dgi = torch.empty(M, P, 3 * h, dtype=a, device=context.device)
+    dgh = torch.empty_like(dgi)
+    if M > 0:
+        scratch = torch.empty(2, M, h, dtype=a, device=context.device)
+        gru_bwd_kernel[(triton.cdiv(M, cfg.block_m),)](
+            dH, hidden, gates, weight_hh.contiguous(), dgi, dgh, scratch[0], scratch[1], M, P, h,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.dots())
+    # weight gradients: GEMMs over the stored gate gradients
+    w_ih = weight_ih.to(a)
+    dgc = dgi.sum(1)
+    dctx = dgc @ w_ih[:, h:]
+    dw_c = dgc.T @ context.to(a)
+    dw_hh = torch.zeros(3 * h, h, dtype=a, device=context.device)
+    for t in range(1, P):
+        dw_hh.addmm_(dgh[:, t].T, hidden[:, t - 1])
+    dtable = torch.zeros(VOCAB, 3 * h, dtype=a, device=context.device)
+    dtable.index_add_(0, prev_bytes.reshape(-1).long(), dgi.reshape(-1, 3 * h))
+    dw_e = dtable.T @ byte_emb.to(a)
+    demb = dtable @ w_ih[:, :h]
+    grads = (dctx, demb, torch.cat([dw_e, dw_c], 1), dw_hh, dgc.sum(0), dgh.sum((0, 1)))
+    return tuple(g.to(dtype) for g in grads)
+
+
+@torch.library.custom_op("agiformer_kernels::gru_patch_triton_decode_fwd", mutates_args=())
+def decode_fwd(context: torch.Tensor, prev_bytes: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Tensor,
+               weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor,
+               save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cast_out = context.dtype != acc_dtype(context.dtype)
+    hid, out, gates = _recurrence_fwd(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save,
+                                      cast_out)
+    if not cast_out:
+        return hid, gates, hid.new_empty(0)
+    return out, gates, hid if save else hid.new_empty(0)
+
+
+@decode_fwd.register_fake
+def _(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save):
+    (M, h), P = context.shape, prev_bytes.shape[1]
+    a = acc_dtype(context.dtype)
+    hidden_acc = context.new_empty((M, P, h) if save and context.dtype != a else (0,), dtype=a)
+    return context.new_empty(M, P, h), context.new_empty(M if save else 0, P, 4 * h, dtype=a), hidden_acc
+
+
+@torch.library.custom_op("agiformer_kernels::gru_patch_triton_decode_bwd", mutates_args=())
+def decode_bwd(grad_hidden: torch.Tensor, context: torch.Tensor, prev_bytes: torch.Tensor, byte_emb: torch.Tensor,
+               weight_ih: torch.Tensor, weight_hh: torch.Tensor, hidden: torch.Tensor,
+               gates: torch.Tensor) -> list[torch.Tensor]:
+    return list(_recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates))
+
+
+@decode_bwd.register_fake
+def _(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates):
+    return _weight_grads_fake(context)
+
+
+def _weight_grads_fake(context):
+    h = context.shape[1]
+    new = context.new_empty
+    return [new(context.shape), new(VOCAB, h), new(3 * h, 2 * h), new(3 * h, h), new(3 * h), new(3 * h)]
+
+
+def _decode_setup(ctx, inputs, output):
+    context, prev_bytes, byte_emb, weight_ih, weight_hh, _, _, _ = inputs
+    hidden, gates, hidden_acc = output
+    ctx.mark_non_differentiable(gates, hidden_acc)
+    ctx.set_materialize_grads(False)
+    saved = hidden if hidden.dtype == gates.dtype else hidden_acc
+    ctx.save_for_backward(context, prev_bytes, byte_emb, weight_ih, weight_hh, saved, gates)
+
+
+def _decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
+    if grad_hidden is None:
+        return (None,) * 8
+    dctx, demb, dw_ih, dw_hh, db_ih, db_hh = decode_bwd(grad_hidden, *ctx.saved_tensors)
+    return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, None
+
+
+decode_fwd.register_autograd(_decode_backward, setup_context=_decode_setup)
+
+
+@torch.library.custom_op("agiformer_kernels::gru_patch_triton_loss_fwd", mutates_args=())
+def loss_fwd(context: torch.Tensor, targets: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Tensor,
+             weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor, head_weight: torch.Tensor,
+             head_bias: torch.Tensor, sos: int,
+             save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    (M, h), P = context.shape, targets.shape[1]
+    cfg = _Config(h, context.dtype, context.device)
+    prev = _teacher_bytes(targets, sos)
+    hid, _, gates = _recurrence_fwd(context, prev, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save, False)
+    R = M * P
+    loss = torch.empty(M, P, dtype=hid.dtype, device=hid.device)
+    lse = torch.empty_like(loss)
+    if R > 0:
+        ce_fwd_kernel[(triton.cdiv(R, cfg.block_r),)](
+            hid, head_weight.contiguous(), head_bias.contiguous(), targets.contiguous(), loss, lse, R, h,
+            BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, V=VOCAB, **cfg.dots())
+    return loss, lse, hid if save else hid.new_empty(0, P, h), gates
+
+
+@loss_fwd.register_fake
+def _(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, sos, save):
+    (M, h), P = context.shape, targets.shape[1]
+    a = acc_dtype(context.dtype)
+    kept = M if save else 0
+    return (context.new_empty(M, P, dtype=a), context.new_empty(M, P, dtype=a),
+            context.new_empty(kept, P, h, dtype=a), context.new_empty(kept, P, 4 * h, dtype=a))
+
+
+def _teacher_bytes(targets, sos):
+    return torch.cat([torch.full_like(targets[:, :1], sos), targets[:, :-1]], 1).contiguous()
+
+
+@torch.library.custom_op("agiformer_kernels::gru_patch_triton_loss_bwd", mutates_args=())
+def loss_bwd(grad_loss: torch.Tensor, context: torch.Tensor, targets: torch.Tensor, byte_emb: torch.Tensor,
+             weight_ih: torch.Tensor, weight_hh: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,
+             hidden: torch.Tensor, gates: torch.Tensor, lse: torch.Tensor, sos: int) -> list[torch.Tensor]:
+    (M, h), P = context.shape, targets.shape[1]
+    dtype, a = context.dtype, acc_dtype(context.dtype)
+    cfg = _Config(h, dtype, context.device)
+    R = M * P
+    g = grad_loss.to(a).contiguous()
+    hw, hb, y = head_weight.contiguous(), head_bias.contiguous(), targets.contiguous()
+    dH = torch.empty(M, P, h, dtype=a, device=context.device)
+    blocks = triton.cdiv(R, cfg.block_r)
+    splits = max(1, min(blocks, 64))
+    rows_per_split = triton.cdiv(blocks, splits) * cfg.block_r
+    dw = torch.empty(splits, VOCAB, h, dtype=a, device=context.device)
+    db = torch.empty(splits, VOCAB, dtype=a, device=context.device)
+    if R > 0:
+        ce_bwd_dh_kernel[(blocks,)](hidden, hw, hb, y, lse, g, dH, R, h, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
+                                    BLOCK_K=cfg.block_k, V=VOCAB, **cfg.dots())
+        ce_bwd_dw_kernel[(VOCAB // cfg.block_v, splits)](hidden, hw, hb, y, lse, g, dw, db, R, h, rows_per_split,
+                                                          BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v,
+                                                          BLOCK_H=cfg.block_h, **cfg.dots())
+    else:
+        dw.zero_()
+        db.zero_()
+    grads = _recurrence_bwd(dH, context, _teacher_bytes(targets, sos), byte_emb, weight_ih, weight_hh, hidden, gates)
+    return [*grads, dw.sum(0).to(dtype), db.sum(0).to(dtype)]
+
+
+@loss_bwd.register_fake
+def _(grad_loss, context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates, lse, sos):
+    h = context.shape[1]
+    return [*_weight_grads_fake(context), context.new_empty(VOCAB, h), context.new_empty(VOCAB)]
+
+
+def _loss_setup(ctx, inputs, output):
+    context, targets, byte_emb, weight_ih, weight_hh, _, _, head_weight, head_bias, sos, _ = inputs
+    _, lse, hidden, gates = output
+    ctx.mark_non_differentiable(lse, hidden, gates)
+    ctx.set_materialize_grads(False)
+    ctx.sos = sos
+    ctx.save_for_backward(context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates, lse)
+
+
+def _loss_backward(ctx, grad_loss, _lse, _hidden, _gates):
+    if grad_loss is None:
+        return (None,) * 11
+    dctx, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb = loss_bwd(grad_loss, *ctx.saved_tensors, ctx.sos)
+    return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb, None, None
+
+
+loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+@torch.library.custom_op("agiformer_kernels::gru_patch_triton_sample", mutates_args=())
+def sample_op(context: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+              bias_ih: torch.Tensor, bias_hh: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,
+              patch_size: int, temperature: float, top_k: int, prefix: torch.Tensor | None,
+              sos: int, seed: torch.Tensor | None) -> torch.Tensor:
+    M, h = context.shape
+    cfg = _Config(h, context.dtype, context.device)
+    out = torch.empty(M, patch_size, dtype=torch.int64, device=context.device)
+    if M == 0:
+        return out
+    table, gc = _input_parts(context, byte_emb, weight_ih, bias_ih)
+    scratch = torch.empty(2, M, h, dtype=table.dtype, device=context.device)
+    forced = 0 if prefix is None else prefix.shape[1]
+    pre = out if forced == 0 else prefix.to(torch.int64).contiguous()
+    greedy = temperature == 0
+    gru_sample_kernel[(triton.cdiv(M, cfg.block_m),)](
+        gc, table, weight_hh.contiguous(), bias_hh.contiguous(), head_weight.contiguous(), head_bias.contiguous(),
+        pre, out if greedy else seed, out, scratch, M, patch_size, h, forced, sos,
+        0.0 if greedy else 1.0 / temperature, top_k, GREEDY=greedy, TOP_K=0 < top_k < VOCAB,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, V=VOCAB, **cfg.dots())
+    return out
+
+
+@sample_op.register_fake
+def _(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size, temperature,
+      top_k, prefix, sos, seed):
+    return context.new_empty(context.shape[0], patch_size, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend functions
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def decode_triton(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh):
+    save = _wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
+    hidden, _, _ = decode_fwd(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save)
+    return hidden
+
+
+def loss_triton(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, sos,
+                reduction):
+    save = _wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
+    loss, _, _, _ = loss_fwd(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight,
+                             head_bias, sos, save)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def sample_triton(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, patch_size,
+                  temperature, top_k, prefix, sos, generator):
+    seed = draw_seed(generator, context.device) if temperature > 0 else None
+    if prefix is not None and prefix.shape[1] == 0:
+        prefix = None
+    return sample_op(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size,
+                     temperature, top_k or 0, prefix, sos, seed)
+
+
+def _check(context, *args, **kwargs):
+    if context.shape[1] > MAX_HIDDEN:
+        return f"hidden size {context.shape[1]} > {MAX_HIDDEN}"
+    return None
+
+
+backends.register(DECODE_OP, "triton", decode_triton, check=_check, available=backends.triton_unavailable)
+backends.register(LOSS_OP, "triton", loss_triton, check=_check, available=backends.triton_unavailable)
+backends.register(SAMPLE_OP, "triton", sample_triton, check=_check, available=backends.triton_unavailable)
