@@ -141,10 +141,22 @@ def sample_cpp(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_w
                                  patch_size, temperature, top_k or 0, prefix, sos, seed)
 
 
-for _device in ("cpu", "cuda"):
-    backends.register(DECODE_OP, _device, decode_cpp,
+# csrc/gru_patch/gru_patch_cuda.h: kMaxHidden, kMaxHiddenDouble (shared-memory tiles of [16, h])
+MAX_CUDA_HIDDEN = {torch.float64: 256}
+MAX_CUDA_HIDDEN_DEFAULT = 512
+
+
+def _check_cuda(context, *args, **kwargs):
+    limit = MAX_CUDA_HIDDEN.get(context.dtype, MAX_CUDA_HIDDEN_DEFAULT)
+    if context.shape[1] > limit:
+        return f"hidden size {context.shape[1]} > {limit} for {context.dtype}"
+    return None
+
+
+for _device, _check in (("cpu", backends._always), ("cuda", _check_cuda)):
+    backends.register(DECODE_OP, _device, decode_cpp, check=_check,
                       available=backends.extension_kernel(OP_LIB, "gru_patch_decode_fwd", _device))
-    backends.register(LOSS_OP, _device, loss_cpp,
+    backends.register(LOSS_OP, _device, loss_cpp, check=_check,
                       available=backends.extension_kernel(OP_LIB, "gru_patch_loss_fwd", _device))
-    backends.register(SAMPLE_OP, _device, sample_cpp,
+    backends.register(SAMPLE_OP, _device, sample_cpp, check=_check,
                       available=backends.extension_kernel(OP_LIB, "gru_patch_sample", _device))
