@@ -10,9 +10,10 @@
 // backward accumulating dS = Σ q̂ dnumᵀ, dz = Σ q̂ dden for dk, dv.
 // Accumulation and state are fp32 (fp64 for double inputs) whatever the input dtype.
 
-// The register tiles are written as a·b + c: let GCC fuse them into FMAs even in ISO C++ mode.
+// The register tiles are written as a·b + c: let the compiler fuse them into FMAs even in ISO C++
+// mode. Rows are short (D values): a libc memmove call per row copy would cost more than the copy.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=fast")
+#pragma GCC optimize("fp-contract=fast", "no-tree-loop-distribute-patterns")
 #elif defined(__clang__)
 #pragma clang fp contract(fast)
 #endif
@@ -27,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -131,25 +133,101 @@ void gemm(Part part, int64_t m, int64_t n, int64_t k, const T* A, int64_t sa_i, 
   }
 }
 
-// exp for x <= 0 in fp32, branch-free so loops over it vectorize (Cephes polynomial, ~1 ulp);
-// below -87 it returns exp(-87), which φ's + feature_eps and φ' absorb.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+// ---- Lane-wise helpers on padded rows (lengths a multiple of Vec<T>::W) ----------------------
+template <typename T>
+using vec_t = typename Vec<T>::type;
+
+// exp(min(x, 0)) in fp32: Cephes polynomial (~1 ulp) with the 2^n scaling done on the exponent
+// bits; below -87 it returns exp(-87), which φ's + feature_eps and φ' absorb.
+inline vec_t<float> vexp_nonpositive(vec_t<float> x) {
+  typedef int32_t vint __attribute__((vector_size(64)));
+  const vec_t<float> zero = {};
+  x = x > zero ? zero : x;
+  x = x < zero - 87.0f ? zero - 87.0f : x;
+  const vec_t<float> t = x * 1.44269504088896341f - 0.5f;  // floor(x·log2 e + 0.5) = ceil(t)
+  vint n = __builtin_convertvector(t, vint);               // t <= 0: truncation is ceil
+  const vec_t<float> nf = __builtin_convertvector(n, vec_t<float>);
+  const vec_t<float> r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  vec_t<float> p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
+  n = (n + 127) << 23;
+  vec_t<float> two_n;
+  std::memcpy(&two_n, &n, sizeof(two_n));
   return p * two_n;
 }
-inline double exp_nonpositive(double x) { return std::exp(x); }
+inline vec_t<double> vexp_nonpositive(vec_t<double> x) {
+  for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(std::min(x[i], 0.0));
+  return x;
+}
+
+// row[0 .. n) = mul·φ(row) (elu+1: x + 1 + feature_eps for x > 0, exp(x) + feature_eps else), then
+// the pad row[valid .. n) back to zero.
+template <typename T>
+inline void apply_feature(T* row, int64_t n, int64_t valid, bool elu, T feps, T mul) {
+  constexpr int W = Vec<T>::W;
+  const vec_t<T> zero = {};
+  for (int64_t d = 0; d < n; d += W) {
+    vec_t<T> x = vload(row + d);
+    if (elu) x = x > zero ? x + (T(1) + feps) : vexp_nonpositive(x) + feps;
+    vstore(row + d, mul * x);
+  }
+  std::fill(row + valid, row + n, T(0));
+}
+
+// g[0 .. n) *= mul·φ'(x): 1 for x > 0, exp(x) else (elu+1); 1 (identity).
+template <typename T>
+inline void apply_feature_grad(T* g, const T* x, int64_t n, bool elu, T mul) {
+  constexpr int W = Vec<T>::W;
+  const vec_t<T> zero = {};
+  for (int64_t d = 0; d < n; d += W) {
+    vec_t<T> f = zero + mul;
+    if (elu) {
+      const vec_t<T> xv = vload(x + d);
+      f = xv > zero ? f : f * vexp_nonpositive(xv);
+    }
+    vstore(g + d, vload(g + d) * f);
+  }
+}
+
+template <typename T>
+inline T vdot(const T* a, const T* b, int64_t n) {
+  vec_t<T> acc = {};
+  for (int64_t d = 0; d < n; d += Vec<T>::W) acc += vload(a + d) * vload(b + d);
+  T sum = 0;
+  for (int i = 0; i < Vec<T>::W; ++i) sum += acc[i];
+  return sum;
+}
+
+template <typename T>
+inline void vaxpy(T alpha, const T* x, T* y, int64_t n) {
+  for (int64_t d = 0; d < n; d += Vec<T>::W) vstore(y + d, vload(y + d) + alpha * vload(x + d));
+}
+
+template <typename T>
+inline void vscale(T alpha, T* y, int64_t n) {
+  for (int64_t d = 0; d < n; d += Vec<T>::W) vstore(y + d, alpha * vload(y + d));
+}
+
+// Row conversions between the input dtype and the accumulation type.
+template <typename scalar_t, typename T>
+inline void to_acc(const scalar_t* __restrict__ x, T* __restrict__ out, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, T>)
+    for (; i + Vec<T>::W <= n; i += Vec<T>::W) vstore(out + i, vload(x + i));
+  for (; i < n; ++i) out[i] = static_cast<T>(x[i]);
+}
+
+template <typename T, typename scalar_t>
+inline void from_acc(const T* __restrict__ x, scalar_t* __restrict__ out, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, T>)
+    for (; i + Vec<T>::W <= n; i += Vec<T>::W) vstore(out + i, vload(x + i));
+  for (; i < n; ++i) out[i] = static_cast<scalar_t>(x[i]);
+}
 
 struct Params {
   bool elu;  // feature map elu+1 (else identity)
@@ -157,48 +235,26 @@ struct Params {
   bool normalize;
 };
 
-// φ(x)·mul for one row of n values: elu(x) + 1 + feature_eps = x + 1 + feature_eps (x > 0), exp(x) + feature_eps.
-template <typename scalar_t, typename T>
-inline void load_feature(const scalar_t* __restrict__ x, T* __restrict__ out, int64_t n, bool elu, T feps, T mul) {
-  if (elu) {
-    for (int64_t d = 0; d < n; ++d) {
-      const T xv = static_cast<T>(x[d]);
-      const T e = exp_nonpositive(std::min(xv, T(0)));
-      out[d] = mul * (xv > T(0) ? xv + T(1) + feps : e + feps);
-    }
-  } else {
-    for (int64_t d = 0; d < n; ++d) out[d] = mul * static_cast<T>(x[d]);
-  }
-}
-
-// out = g·mul·φ'(x), φ'(x) = 1 (x > 0), exp(x) (x <= 0) for elu+1.
-template <typename scalar_t, typename T>
-inline void store_feature_grad(const T* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                               int64_t n, bool elu, T mul) {
-  if (elu) {
-    for (int64_t d = 0; d < n; ++d) {
-      const T xv = static_cast<T>(x[d]);
-      const T e = exp_nonpositive(std::min(xv, T(0)));
-      out[d] = static_cast<scalar_t>(g[d] * mul * (xv > T(0) ? T(1) : e));
-    }
-  } else {
-    for (int64_t d = 0; d < n; ++d) out[d] = static_cast<scalar_t>(g[d] * mul);
-  }
-}
-
-// Where one work item's tokens and state live.
+// Where one work item's tokens live, and its rows of the saved chunk states.
 struct Item {
   int64_t b;      // batch row of q/k/v (0 with cu_seqlens)
   int64_t h;      // head
   int64_t seq;    // index into the states' leading dim
   int64_t start;  // first token
   int64_t len;    // tokens
+  int64_t base;   // row of its first chunk in the chunk-state tensors
 };
+
+// Rows of the chunk-state tensors: B·⌈L/C⌉, or with cu_seqlens ⌊T/C⌋ + n (segment i starts at row
+// ⌊start_i/C⌋ + i, which never overlaps segment i-1 and needs no data-dependent size).
+inline int64_t chunk_rows(int64_t B, int64_t L, int64_t n_seq, bool packed) {
+  return packed ? L / kChunk + n_seq : B * ((L + kChunk - 1) / kChunk);
+}
 
 inline Item item_of(int64_t i, int64_t H, int64_t L, const int32_t* cu) {
   const int64_t seq = i / H, h = i % H;
-  if (cu == nullptr) return {seq, h, seq, 0, L};
-  return {0, h, seq, cu[seq], cu[seq + 1] - cu[seq]};
+  if (cu == nullptr) return {seq, h, seq, 0, L, seq * ((L + kChunk - 1) / kChunk)};
+  return {0, h, seq, cu[seq], cu[seq + 1] - cu[seq], cu[seq] / kChunk + seq};
 }
 
 // Strided [B, L, H, D] rows (last dim contiguous).
@@ -211,8 +267,16 @@ struct Rows {
   scalar_t* row(const Item& it, int64_t t) const { return ptr + it.b * sb + (it.start + t) * sl + it.h * sh; }
 };
 
-// One chunk's q̂, k̂ [C × Dp] and v [C × Dvp] (row-major), k̂ᵀ [Dp × C], vᵀ [Dvp × C]; the column
-// pads stay zero, and rows past a short last chunk are never read by the products (k = n).
+// dst[j·ldd + i] = src[i·lds + j] for i < rows, j < cols.
+template <typename T>
+inline void transpose(const T* __restrict__ src, int64_t lds, T* __restrict__ dst, int64_t ldd, int64_t rows,
+                      int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
+// One chunk's q̂, k̂ [C × Dp] and v [C × Dvp] (row-major), k̂ᵀ [Dp × C] and, for the backward,
+// vᵀ [Dvp × C]. Column pads stay zero; rows past a short last chunk are never read (k = n).
 template <typename scalar_t, typename T>
 struct Chunk {
   int64_t D, Dv, Dp, Dvp;
@@ -222,18 +286,17 @@ struct Chunk {
         q(kChunk * Dp), k(kChunk * Dp), kt(Dp * kChunk), v(kChunk * Dvp), vt(Dvp * kChunk) {}
 
   void load(const Rows<scalar_t>& Q, const Rows<scalar_t>& K, const Rows<scalar_t>& V, const Item& it, int64_t t0,
-            int64_t n, const Params& p) {
+            int64_t n, const Params& p, bool with_vt) {
     const T feps = static_cast<T>(p.feature_eps), scale = static_cast<T>(p.scale);
     for (int64_t t = 0; t < n; ++t) {
-      load_feature(Q.row(it, t0 + t), &q[t * Dp], D, p.elu, feps, scale);
-      load_feature(K.row(it, t0 + t), &k[t * Dp], D, p.elu, feps, T(1));
-      const scalar_t* vr = V.row(it, t0 + t);
-      for (int64_t j = 0; j < Dv; ++j) v[t * Dvp + j] = static_cast<T>(vr[j]);
+      to_acc(Q.row(it, t0 + t), &q[t * Dp], D);
+      apply_feature(&q[t * Dp], Dp, D, p.elu, feps, scale);
+      to_acc(K.row(it, t0 + t), &k[t * Dp], D);
+      apply_feature(&k[t * Dp], Dp, D, p.elu, feps, T(1));
+      to_acc(V.row(it, t0 + t), &v[t * Dvp], Dv);
     }
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t d = 0; d < D; ++d) kt[d * kChunk + t] = k[t * Dp + d];
-      for (int64_t j = 0; j < Dv; ++j) vt[j * kChunk + t] = v[t * Dvp + j];
-    }
+    transpose(k.data(), Dp, kt.data(), kChunk, n, D);
+    if (with_vt) transpose(v.data(), Dvp, vt.data(), kChunk, n, Dv);
   }
 };
 
@@ -243,26 +306,21 @@ inline void mask_upper(T* A, int64_t n) {
   for (int64_t t = 0; t < n; ++t) std::fill(A + t * kChunk + t + 1, A + (t + 1) * kChunk, T(0));
 }
 
-// z[d] += Σ_t x[t, d] over n rows of stride ld.
+// Σ_{s<=t} A[t, s] over a masked row (zeros past t).
 template <typename T>
-inline void add_column_sums(T* __restrict__ z, const T* __restrict__ x, int64_t n, int64_t D, int64_t ld) {
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t d = 0; d < D; ++d) z[d] += x[t * ld + d];
-}
-
-// Padded [Dp × Dvp] (or its transpose [Dvp × Dp]) <- [D × Dv], or zeros.
-template <typename T>
-inline void load_matrix(T* dst, const T* src, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp, bool transpose) {
-  std::fill(dst, dst + Dp * Dvp, T(0));
-  if (src == nullptr) return;
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = 0; j < Dv; ++j) (transpose ? dst[j * Dp + d] : dst[d * Dvp + j]) = src[d * Dv + j];
+inline T masked_row_sum(const T* row, int64_t t) {
+  vec_t<T> acc = {};
+  for (int64_t s = 0; s <= t; s += Vec<T>::W) acc += vload(row + s);
+  T sum = 0;
+  for (int i = 0; i < Vec<T>::W; ++i) sum += acc[i];
+  return sum;
 }
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* S0,
                     const at::Tensor* z0, const int32_t* cu, int64_t n_seq, const Params& p, at::Tensor& o,
-                    at::Tensor& den, at::Tensor& S_out, at::Tensor& z_out) {
+                    at::Tensor& den, at::Tensor& S_out, at::Tensor& z_out, at::Tensor& chunk_S,
+                    at::Tensor& chunk_z) {
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t C = kChunk, W = Vec<T>::W;
   const int64_t H = q.size(2), L = q.size(1), D = q.size(3), Dv = v.size(3);
@@ -270,6 +328,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* den_ptr = p.normalize ? den.data_ptr<T>() : nullptr;
   T* S_ptr = S_out.data_ptr<T>();
   T* z_ptr = z_out.data_ptr<T>();
+  T* cS_ptr = chunk_S.data_ptr<T>();
+  T* cz_ptr = chunk_z.data_ptr<T>();
   const T* S0_ptr = S0 ? S0->data_ptr<T>() : nullptr;
   const T* z0_ptr = z0 ? z0->data_ptr<T>() : nullptr;
   const T eps = static_cast<T>(p.eps);
@@ -280,53 +340,58 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<T> A(C * C), num(C * Dvp), S(Dp * Dvp), z(Dp);
     for (int64_t i = begin; i < end; ++i) {
       const Item it = item_of(i, H, L, cu);
-      load_matrix(S.data(), S0_ptr ? S0_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, false);
+      std::fill(S.begin(), S.end(), T(0));
       std::fill(z.begin(), z.end(), T(0));
-      if (z0_ptr) std::copy(z0_ptr + i * D, z0_ptr + (i + 1) * D, z.begin());
-      for (int64_t t0 = 0; t0 < it.len; t0 += C) {
+      if (S0_ptr) {
+        for (int64_t d = 0; d < D; ++d) to_acc(S0_ptr + (i * D + d) * Dv, &S[d * Dvp], Dv);
+        to_acc(z0_ptr + i * D, z.data(), D);
+      }
+      for (int64_t c = 0, t0 = 0; t0 < it.len; ++c, t0 += C) {
         const int64_t n = std::min(C, it.len - t0);
-        ch.load(Q, K, V, it, t0, n, p);
+        // The state before this chunk, transposed, is what the backward's dq needs.
+        const int64_t row = (it.base + c) * H + it.h;
+        transpose(S.data(), Dvp, cS_ptr + row * Dv * D, D, D, Dv);
+        to_acc(z.data(), cz_ptr + row * D, D);
+
+        ch.load(Q, K, V, it, t0, n, p, false);
         gemm(Part::CausalOut, n, round_up(n, W), D, ch.q.data(), Dp, 1, ch.kt.data(), C, A.data(), C, false);
         mask_upper(A.data(), n);
         gemm(Part::Full, n, Dvp, D, ch.q.data(), Dp, 1, S.data(), Dvp, num.data(), Dvp, false);  // earlier chunks
         gemm(Part::LowerK, n, Dvp, n, A.data(), C, 1, ch.v.data(), Dvp, num.data(), Dvp, true);  // this chunk
         for (int64_t t = 0; t < n; ++t) {
-          scalar_t* out = O.row(it, t0 + t);
-          const T* nr = &num[t * Dvp];
+          T* nr = &num[t * Dvp];
           if (p.normalize) {
-            T d = eps;
-            for (int64_t s = 0; s <= t; ++s) d += A[t * C + s];
-            for (int64_t c = 0; c < D; ++c) d += ch.q[t * Dp + c] * z[c];
+            // q̂_t·z_t = Σ_{s<=t} q̂_t·k̂_s (this chunk) + q̂_t·z (earlier chunks) + eps
+            const T d = masked_row_sum(&A[t * C], t) + vdot(&ch.q[t * Dp], z.data(), Dp) + eps;
             den_ptr[(it.b * H + it.h) * L + it.start + t0 + t] = d;
-            const T inv = T(1) / d;
-            for (int64_t j = 0; j < Dv; ++j) out[j] = static_cast<scalar_t>(nr[j] * inv);
-          } else {
-            for (int64_t j = 0; j < Dv; ++j) out[j] = static_cast<scalar_t>(nr[j]);
+            vscale(T(1) / d, nr, Dvp);
           }
+          from_acc(nr, O.row(it, t0 + t), Dv);
         }
         gemm(Part::Full, D, Dvp, n, ch.kt.data(), C, 1, ch.v.data(), Dvp, S.data(), Dvp, true);  // S += k̂ᵀv
-        add_column_sums(z.data(), ch.k.data(), n, D, Dp);
+        for (int64_t t = 0; t < n; ++t) vaxpy(T(1), &ch.k[t * Dp], z.data(), Dp);
       }
-      for (int64_t d = 0; d < D; ++d) {
-        std::copy(&S[d * Dvp], &S[d * Dvp] + Dv, S_ptr + (i * D + d) * Dv);
-        z_ptr[i * D + d] = z[d];
-      }
+      for (int64_t d = 0; d < D; ++d) to_acc(&S[d * Dvp], S_ptr + (i * D + d) * Dv, Dv);
+      to_acc(z.data(), z_ptr + i * D, D);
     }
   });
 }
 
+// One reverse sweep per item: dq from the saved chunk states, dk and dv from dS = Σ_{later} q̂ dnumᵀ
+// and dz = Σ_{later} q̂ dden carried backwards.
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::Tensor* dz_in, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& den,
-                     const at::Tensor* S0, const at::Tensor* z0, const int32_t* cu, int64_t n_seq, const Params& p,
-                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dS0, at::Tensor& dz0) {
+                     const at::Tensor& chunk_S, const at::Tensor& chunk_z, const int32_t* cu, int64_t n_seq,
+                     const Params& p, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dS0,
+                     at::Tensor& dz0) {
   using T = at::opmath_type<scalar_t>;
   constexpr int64_t C = kChunk, W = Vec<T>::W;
   const int64_t H = q.size(2), L = q.size(1), D = q.size(3), Dv = v.size(3);
   const Rows<scalar_t> Q(q), K(k), V(v), O(o), dO(dout), dQ(dq), dK(dk), dV(dv);
   const T* den_ptr = p.normalize ? den.data_ptr<T>() : nullptr;
-  const T* S0_ptr = S0 ? S0->data_ptr<T>() : nullptr;
-  const T* z0_ptr = z0 ? z0->data_ptr<T>() : nullptr;
+  const T* cS_ptr = chunk_S.data_ptr<T>();
+  const T* cz_ptr = chunk_z.data_ptr<T>();
   const T* dS_in_ptr = dS_in ? dS_in->data_ptr<T>() : nullptr;
   const T* dz_in_ptr = dz_in ? dz_in->data_ptr<T>() : nullptr;
   T* dS_ptr = dS0.data_ptr<T>();
@@ -336,96 +401,74 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
   at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
     Chunk<scalar_t, T> ch(D, Dv);
     const int64_t Dp = ch.Dp, Dvp = ch.Dvp;
-    // G = dnum = do/den [C × Dvp], g = dden = -(do·o)/den; A scores, Bm their gradient [C × C];
-    // St = Sᵀ for pass 1; dS and dSt = dSᵀ for pass 2.
-    std::vector<T> G(C * Dvp), g(C), A(C * C), Bm(C * C), gq(C * Dp), gv(C * Dvp);
-    std::vector<T> St(Dvp * Dp), z(Dp), dS(Dp * Dvp), dSt(Dvp * Dp), dz(Dp);
-
-    auto load_grads = [&](const Item& it, int64_t t0, int64_t n) {
-      for (int64_t t = 0; t < n; ++t) {
-        const scalar_t* dor = dO.row(it, t0 + t);
-        T* Gr = &G[t * Dvp];
-        if (p.normalize) {
-          const scalar_t* orow = O.row(it, t0 + t);
-          const T inv = T(1) / den_ptr[(it.b * H + it.h) * L + it.start + t0 + t];
-          T dot = 0;
-          for (int64_t j = 0; j < Dv; ++j) {
-            const T d = static_cast<T>(dor[j]);
-            Gr[j] = d * inv;
-            dot += d * static_cast<T>(orow[j]);
-          }
-          g[t] = -dot * inv;
-        } else {
-          for (int64_t j = 0; j < Dv; ++j) Gr[j] = static_cast<T>(dor[j]);
-        }
-      }
-    };
-    // Bm[t, s] = dnum_t·v_s + dden_t for s <= t, else 0: the gradient of the masked scores.
-    auto score_grads = [&](int64_t n) {
-      gemm(Part::CausalOut, n, round_up(n, W), Dv, G.data(), Dvp, 1, ch.vt.data(), C, Bm.data(), C, false);
-      mask_upper(Bm.data(), n);
-      if (p.normalize)
-        for (int64_t t = 0; t < n; ++t)
-          for (int64_t s = 0; s <= t; ++s) Bm[t * C + s] += g[t];
+    // G = dnum = do/den [C × Dvp], g = dden = -(do·o)/den; A the scores, Bm their gradient [C × C];
+    // St, z the state before the chunk; dS [Dp × Dvp] and dSt = dSᵀ; raw one input row.
+    std::vector<T> G(C * Dvp), g(C), A(C * C), Bm(C * C), gq(C * Dp), gk(C * Dp), gv(C * Dvp);
+    std::vector<T> St(Dvp * Dp), z(Dp), dS(Dp * Dvp), dSt(Dvp * Dp), dz(Dp), raw(std::max(Dp, Dvp));
+    // out = φ'(x)·mul·grad for one row of the input x.
+    auto store_input_grad = [&](T* grad, const scalar_t* x, scalar_t* out, T mul) {
+      to_acc(x, raw.data(), D);
+      apply_feature_grad(grad, raw.data(), Dp, p.elu, mul);
+      from_acc(grad, out, D);
     };
 
     for (int64_t i = begin; i < end; ++i) {
       const Item it = item_of(i, H, L, cu);
-      // Pass 1, forward in time: dq̂_t = S_t·dnum_t + dden_t·z_t, S and z rebuilt chunk by chunk.
-      load_matrix(St.data(), S0_ptr ? S0_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, true);
-      std::fill(z.begin(), z.end(), T(0));
-      if (z0_ptr) std::copy(z0_ptr + i * D, z0_ptr + (i + 1) * D, z.begin());
-      for (int64_t t0 = 0; t0 < it.len; t0 += C) {
-        const int64_t n = std::min(C, it.len - t0);
-        ch.load(Q, K, V, it, t0, n, p);
-        load_grads(it, t0, n);
-        score_grads(n);
-        gemm(Part::LowerK, n, Dp, n, Bm.data(), C, 1, ch.k.data(), Dp, gq.data(), Dp, false);  // Bm k̂
-        gemm(Part::Full, n, Dp, Dv, G.data(), Dvp, 1, St.data(), Dp, gq.data(), Dp, true);     // dnum Sᵀ
-        for (int64_t t = 0; t < n; ++t) {
-          T* gr = &gq[t * Dp];
-          if (p.normalize)
-            for (int64_t d = 0; d < D; ++d) gr[d] += g[t] * z[d];
-          store_feature_grad(gr, Q.row(it, t0 + t), dQ.row(it, t0 + t), D, p.elu, scale);
-        }
-        gemm(Part::Full, Dv, Dp, n, ch.vt.data(), C, 1, ch.k.data(), Dp, St.data(), Dp, true);  // Sᵀ += vᵀk̂
-        add_column_sums(z.data(), ch.k.data(), n, D, Dp);
-      }
-      // Pass 2, backward in time: dS, dz collect the later tokens' q̂ dnumᵀ and q̂ dden.
-      load_matrix(dS.data(), dS_in_ptr ? dS_in_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, false);
-      load_matrix(dSt.data(), dS_in_ptr ? dS_in_ptr + i * D * Dv : nullptr, D, Dv, Dp, Dvp, true);
+      std::fill(dS.begin(), dS.end(), T(0));
       std::fill(dz.begin(), dz.end(), T(0));
-      if (dz_in_ptr) std::copy(dz_in_ptr + i * D, dz_in_ptr + (i + 1) * D, dz.begin());
+      if (dS_in_ptr)
+        for (int64_t d = 0; d < D; ++d) to_acc(dS_in_ptr + (i * D + d) * Dv, &dS[d * Dvp], Dv);
+      if (dz_in_ptr) to_acc(dz_in_ptr + i * D, dz.data(), D);
+      transpose(dS.data(), Dvp, dSt.data(), Dp, Dp, Dvp);
       const int64_t n_chunks = (it.len + C - 1) / C;
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
         const int64_t t0 = c * C, n = std::min(C, it.len - t0);
-        ch.load(Q, K, V, it, t0, n, p);
-        load_grads(it, t0, n);
-        score_grads(n);
+        const int64_t row = (it.base + c) * H + it.h;
+        for (int64_t j = 0; j < Dv; ++j) to_acc(cS_ptr + (row * Dv + j) * D, &St[j * Dp], D);
+        to_acc(cz_ptr + row * D, z.data(), D);
+        ch.load(Q, K, V, it, t0, n, p, true);
+        for (int64_t t = 0; t < n; ++t) {
+          T* Gr = &G[t * Dvp];
+          to_acc(dO.row(it, t0 + t), Gr, Dv);
+          if (p.normalize) {
+            to_acc(O.row(it, t0 + t), raw.data(), Dv);
+            std::fill(raw.begin() + Dv, raw.begin() + Dvp, T(0));
+            const T inv = T(1) / den_ptr[(it.b * H + it.h) * L + it.start + t0 + t];
+            g[t] = -vdot(Gr, raw.data(), Dvp) * inv;
+            vscale(inv, Gr, Dvp);
+          }
+        }
+        // Bm[t, s] = dnum_t·v_s + dden_t for s <= t, else 0: the gradient of the masked scores.
+        gemm(Part::CausalOut, n, round_up(n, W), Dv, G.data(), Dvp, 1, ch.vt.data(), C, Bm.data(), C, false);
+        if (p.normalize)
+          for (int64_t t = 0; t < n; ++t) {
+            T* r = &Bm[t * C];
+            for (int64_t s = 0; s <= t; s += W) vstore(r + s, vload(r + s) + g[t]);
+          }
+        mask_upper(Bm.data(), n);
         gemm(Part::CausalOut, n, round_up(n, W), D, ch.q.data(), Dp, 1, ch.kt.data(), C, A.data(), C, false);
         mask_upper(A.data(), n);
-        gemm(Part::UpperK, n, Dp, n, Bm.data(), 1, C, ch.q.data(), Dp, gq.data(), Dp, false);   // Bmᵀ q̂
-        gemm(Part::Full, n, Dp, Dv, ch.v.data(), Dvp, 1, dSt.data(), Dp, gq.data(), Dp, true);  // v dSᵀ
+
+        gemm(Part::LowerK, n, Dp, n, Bm.data(), C, 1, ch.k.data(), Dp, gq.data(), Dp, false);   // Bm k̂
+        gemm(Part::Full, n, Dp, Dv, G.data(), Dvp, 1, St.data(), Dp, gq.data(), Dp, true);      // dnum Sᵀ
+        gemm(Part::UpperK, n, Dp, n, Bm.data(), 1, C, ch.q.data(), Dp, gk.data(), Dp, false);   // Bmᵀ q̂
+        gemm(Part::Full, n, Dp, Dv, ch.v.data(), Dvp, 1, dSt.data(), Dp, gk.data(), Dp, true);  // v dSᵀ
         gemm(Part::UpperK, n, Dvp, n, A.data(), 1, C, G.data(), Dvp, gv.data(), Dvp, false);    // Aᵀ dnum
         gemm(Part::Full, n, Dvp, D, ch.k.data(), Dp, 1, dS.data(), Dvp, gv.data(), Dvp, true);  // k̂ dS
         for (int64_t t = 0; t < n; ++t) {
-          T* gk = &gq[t * Dp];
-          for (int64_t d = 0; d < D; ++d) gk[d] += dz[d];
-          store_feature_grad(gk, K.row(it, t0 + t), dK.row(it, t0 + t), D, p.elu, T(1));
-          scalar_t* dvr = dV.row(it, t0 + t);
-          for (int64_t j = 0; j < Dv; ++j) dvr[j] = static_cast<scalar_t>(gv[t * Dvp + j]);
+          if (p.normalize) vaxpy(g[t], z.data(), &gq[t * Dp], Dp);
+          store_input_grad(&gq[t * Dp], Q.row(it, t0 + t), dQ.row(it, t0 + t), scale);
+          vaxpy(T(1), dz.data(), &gk[t * Dp], Dp);
+          store_input_grad(&gk[t * Dp], K.row(it, t0 + t), dK.row(it, t0 + t), T(1));
+          from_acc(&gv[t * Dvp], dV.row(it, t0 + t), Dv);
         }
         gemm(Part::Full, D, Dvp, n, ch.q.data(), 1, Dp, G.data(), Dvp, dS.data(), Dvp, true);  // dS += q̂ᵀ dnum
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t j = 0; j < Dv; ++j) dSt[j * Dp + d] = dS[d * Dvp + j];
+        transpose(dS.data(), Dvp, dSt.data(), Dp, D, Dv);
         if (p.normalize)
-          for (int64_t t = 0; t < n; ++t)
-            for (int64_t d = 0; d < D; ++d) dz[d] += ch.q[t * Dp + d] * g[t];
+          for (int64_t t = 0; t < n; ++t) vaxpy(g[t], &ch.q[t * Dp], dz.data(), Dp);
       }
-      for (int64_t d = 0; d < D; ++d) {
-        std::copy(&dS[d * Dvp], &dS[d * Dvp] + Dv, dS_ptr + (i * D + d) * Dv);
-        dz_ptr[i * D + d] = dz[d];
-      }
+      for (int64_t d = 0; d < D; ++d) to_acc(&dS[d * Dvp], dS_ptr + (i * D + d) * Dv, Dv);
+      to_acc(dz.data(), dz_ptr + i * D, D);
     }
   });
 }
@@ -477,7 +520,7 @@ void check_state(const std::optional<at::Tensor>& S, const std::optional<at::Ten
   TORCH_CHECK(z->sizes() == at::IntArrayRef({n, q.size(2), q.size(3)}), "z must be (N, H, D)");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& S0,
     const std::optional<at::Tensor>& z0, const std::optional<at::Tensor>& cu_seqlens, c10::string_view feature_map,
     double feature_eps, double scale, double eps, bool normalize) {
@@ -487,27 +530,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_fwd_
   check_state(S0, z0, n_seq, q, Dv);
   const Params p = make_params(std::string(feature_map), feature_eps, scale, eps, normalize);
   const auto sdt = q.options().dtype(state_dtype(q));
+  const int64_t rows = chunk_rows(B, L, n_seq, cu_seqlens.has_value());
   at::Tensor o = at::empty({B, L, H, Dv}, q.options());
   at::Tensor den = normalize ? at::empty({B, H, L}, sdt) : at::empty({0}, sdt);
   at::Tensor S = at::empty({n_seq, H, D, Dv}, sdt);
   at::Tensor z = at::empty({n_seq, H, D}, sdt);
+  // Rows a short segment leaves unused are never read; zeroing them keeps the tensor deterministic.
+  at::Tensor chunk_S = cu_seqlens ? at::zeros({rows, H, Dv, D}, sdt) : at::empty({rows, H, Dv, D}, sdt);
+  at::Tensor chunk_z = cu_seqlens ? at::zeros({rows, H, D}, sdt) : at::empty({rows, H, D}, sdt);
   const int32_t* cu = cu_seqlens ? cu_seqlens->data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, S0 ? &*S0 : nullptr, z0 ? &*z0 : nullptr, cu, n_seq, p, o, den, S, z);
+    forward_kernel<scalar_t>(q, k, v, S0 ? &*S0 : nullptr, z0 ? &*z0 : nullptr, cu, n_seq, p, o, den, S, z, chunk_S,
+                             chunk_z);
   });
-  return {o, den, S, z};
+  return {o, den, S, z, chunk_S, chunk_z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(
     const at::Tensor& dout, const std::optional<at::Tensor>& dS, const std::optional<at::Tensor>& dz,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& den,
-    const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0,
-    const std::optional<at::Tensor>& cu_seqlens, c10::string_view feature_map, double feature_eps, double scale,
-    double eps, bool normalize) {
+    const at::Tensor& chunk_S, const at::Tensor& chunk_z, const std::optional<at::Tensor>& cu_seqlens,
+    c10::string_view feature_map, double feature_eps, double scale, double eps, bool normalize) {
   check_inputs(q, k, v);
   const int64_t n_seq = sequences(q, cu_seqlens);
-  const int64_t H = q.size(2), D = q.size(3), Dv = v.size(3);
-  check_state(S0, z0, n_seq, q, Dv);
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3), Dv = v.size(3);
   const auto sdt = state_dtype(q);
   for (const at::Tensor* t : {&dout, &o}) {
     TORCH_CHECK(t->sizes() == v.sizes(), "do and o must have v's shape");
@@ -517,8 +563,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
   if (normalize) {
     AGF_CHECK_DTYPE(den, sdt);
     AGF_CHECK_CONTIGUOUS(den);
-    TORCH_CHECK(den.sizes() == at::IntArrayRef({q.size(0), H, q.size(1)}), "den must be (B, H, L)");
+    TORCH_CHECK(den.sizes() == at::IntArrayRef({B, H, L}), "den must be (B, H, L)");
   }
+  const int64_t rows = chunk_rows(B, L, n_seq, cu_seqlens.has_value());
+  AGF_CHECK_DTYPE(chunk_S, sdt);
+  AGF_CHECK_DTYPE(chunk_z, sdt);
+  AGF_CHECK_CONTIGUOUS(chunk_S);
+  AGF_CHECK_CONTIGUOUS(chunk_z);
+  TORCH_CHECK(chunk_S.sizes() == at::IntArrayRef({rows, H, Dv, D}), "chunk_S must be (rows, H, Dv, D)");
+  TORCH_CHECK(chunk_z.sizes() == at::IntArrayRef({rows, H, D}), "chunk_z must be (rows, H, D)");
   if (dS) {
     AGF_CHECK_DTYPE(*dS, sdt);
     AGF_CHECK_CONTIGUOUS(*dS);
@@ -537,8 +590,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
   at::Tensor dz0 = at::empty({n_seq, H, D}, q.options().dtype(sdt));
   const int32_t* cu = cu_seqlens ? cu_seqlens->data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(dout, dS ? &*dS : nullptr, dz ? &*dz : nullptr, q, k, v, o, den, S0 ? &*S0 : nullptr,
-                              z0 ? &*z0 : nullptr, cu, n_seq, p, dq, dk, dv, dS0, dz0);
+    backward_kernel<scalar_t>(dout, dS ? &*dS : nullptr, dz ? &*dz : nullptr, q, k, v, o, den, chunk_S, chunk_z, cu,
+                              n_seq, p, dq, dk, dv, dS0, dz0);
   });
   return {dq, dk, dv, dS0, dz0};
 }
@@ -559,11 +612,14 @@ void step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // Threads pay off only once a call moves a few hundred KiB of state.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D * Dv));
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> qh(D), kh(D), vv(Dv), num(Dv);
+    const int64_t Dp = round_up(D, Vec<T>::W);
+    std::vector<T> qh(Dp), kh(Dp), vv(Dv), num(Dv);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;
-      load_feature(qp + b * qsb + h * qsh, qh.data(), D, p.elu, feps, scale);
-      load_feature(kp + b * ksb + h * ksh, kh.data(), D, p.elu, feps, T(1));
+      to_acc(qp + b * qsb + h * qsh, qh.data(), D);
+      apply_feature(qh.data(), Dp, D, p.elu, feps, scale);
+      to_acc(kp + b * ksb + h * ksh, kh.data(), D);
+      apply_feature(kh.data(), Dp, D, p.elu, feps, T(1));
       const scalar_t* vr = vp + b * vsb + h * vsh;
       for (int64_t j = 0; j < Dv; ++j) vv[j] = static_cast<T>(vr[j]);
       T* Si = Sp + i * D * Dv;
@@ -618,14 +674,15 @@ at::Tensor linear_attention_step_cpu(const at::Tensor& q, const at::Tensor& k, c
 }  // namespace agf_linear_attention
 
 TORCH_LIBRARY_FRAGMENT(agiformer_kernels, m) {
+  // chunk_S [rows, H, Dv, D], chunk_z [rows, H, D]: the state before each chunk (Sᵀ), kept for the backward.
   m.def(
       "linear_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, Tensor? cu_seqlens, "
       "str feature_map, float feature_eps, float scale, float eps, bool normalize) "
-      "-> (Tensor o, Tensor den, Tensor S, Tensor z)");
+      "-> (Tensor o, Tensor den, Tensor S, Tensor z, Tensor chunk_S, Tensor chunk_z)");
   m.def(
       "linear_attention_bwd(Tensor do, Tensor? dS, Tensor? dz, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, "
-      "Tensor? S0, Tensor? z0, Tensor? cu_seqlens, str feature_map, float feature_eps, float scale, float eps, "
-      "bool normalize) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dS0, Tensor dz0)");
+      "Tensor chunk_S, Tensor chunk_z, Tensor? cu_seqlens, str feature_map, float feature_eps, float scale, "
+      "float eps, bool normalize) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dS0, Tensor dz0)");
   m.def(
       "linear_attention_step(Tensor q, Tensor k, Tensor v, Tensor(a!) S, Tensor(b!) z, str feature_map, "
       "float feature_eps, float scale, float eps, bool normalize) -> Tensor");

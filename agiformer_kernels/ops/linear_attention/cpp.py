@@ -1,8 +1,9 @@
 """The C++ extension's linear-attention ops (csrc/linear_attention/), serving the "cpu" and "cuda" backends.
 
-``torch.ops.agiformer_kernels.linear_attention_fwd`` returns (o, den, S_L, z_L): den [B, H, L] is the
-per-token denominator q̂ᵀz + eps (empty without ``normalize``), kept for the backward, which then needs
-no state from the forward: ``linear_attention_bwd`` rebuilds the chunk states itself.
+``torch.ops.agiformer_kernels.linear_attention_fwd`` returns (o, den, S_L, z_L, chunk_S, chunk_z), the last
+three kept for the backward: den [B, H, L] the per-token denominator q̂ᵀz + eps (empty without
+``normalize``), chunk_S / chunk_z the state before each chunk of C = 64 tokens (Sᵀ, so O(L/C·D·Dv)),
+which lets ``linear_attention_bwd`` finish in one reverse sweep.
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ from ... import backends
 from .reference import State, acc_dtype
 
 OP_LIB = "linear_attention"
+CHUNK = 64  # kChunk in csrc/linear_attention/linear_attention.cpp
 MAX_CUDA_HEAD_DIM = 128
 
 _registered = False
+
+
+def chunk_rows(B: int, L: int, n_seq: int, packed: bool) -> int:
+    """Rows of the saved chunk-state tensors (chunk_rows in the C++): B·⌈L/C⌉, or ⌊T/C⌋ + n when packed."""
+    return L // CHUNK + n_seq if packed else B * -(-L // CHUNK)
 
 
 def _register_python_side() -> None:
@@ -32,22 +39,27 @@ def _register_python_side() -> None:
         B, L, H, D = q.shape
         Dv = v.shape[-1]
         n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        sdt = acc_dtype(q.dtype)
-        o = q.new_empty(B, L, H, Dv)
-        den = q.new_empty(B, H, L, dtype=sdt) if normalize else q.new_empty(0, dtype=sdt)
-        return o, den, q.new_empty(n, H, D, Dv, dtype=sdt), q.new_empty(n, H, D, dtype=sdt)
-
-    @torch.library.register_fake("agiformer_kernels::linear_attention_bwd")
-    def _bwd_fake(do, dS, dz, q, k, v, o, den, S0, z0, cu_seqlens, feature_map, feature_eps, scale, eps, normalize):
-        B, L, H, D = q.shape
-        Dv = v.shape[-1]
-        n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        rows = chunk_rows(B, L, n, cu_seqlens is not None)
         sdt = acc_dtype(q.dtype)
         return (
-            torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty(B, L, H, Dv),
+            q.new_empty(B, H, L, dtype=sdt) if normalize else q.new_empty(0, dtype=sdt),
             q.new_empty(n, H, D, Dv, dtype=sdt),
+            q.new_empty(n, H, D, dtype=sdt),
+            q.new_empty(rows, H, Dv, D, dtype=sdt),
+            q.new_empty(rows, H, D, dtype=sdt),
+        )
+
+    @torch.library.register_fake("agiformer_kernels::linear_attention_bwd")
+    def _bwd_fake(do, dS, dz, q, k, v, o, den, chunk_S, chunk_z, cu_seqlens, *options):
+        H, D = q.shape[2], q.shape[3]
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        sdt = acc_dtype(q.dtype)
+        return (
+            q.new_empty(q.shape),
+            q.new_empty(k.shape),
+            q.new_empty(v.shape),
+            q.new_empty(n, H, D, v.shape[-1], dtype=sdt),
             q.new_empty(n, H, D, dtype=sdt),
         )
 
@@ -57,13 +69,13 @@ def _register_python_side() -> None:
 
     def setup_context(ctx, inputs, output):
         q, k, v, S0, z0, cu_seqlens, feature_map, feature_eps, scale, eps, normalize = inputs
-        o, den, _, _ = output
-        ctx.save_for_backward(q, k, v, o, den, S0, z0, cu_seqlens)
+        o, den, _, _, chunk_S, chunk_z = output
+        ctx.save_for_backward(q, k, v, o, den, chunk_S, chunk_z, cu_seqlens)
         ctx.options = (feature_map, feature_eps, scale, eps, normalize)
         ctx.has_state = S0 is not None
 
-    def backward(ctx, do, dden, dS, dz):
-        q, k, v, o, den, S0, z0, cu_seqlens = ctx.saved_tensors
+    def backward(ctx, do, dden, dS, dz, dchunk_S, dchunk_z):
+        q, k, v, o, den, chunk_S, chunk_z, cu_seqlens = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv, dS0, dz0 = torch.ops.agiformer_kernels.linear_attention_bwd(
@@ -75,8 +87,8 @@ def _register_python_side() -> None:
             v,
             o,
             den,
-            S0,
-            z0,
+            chunk_S,
+            chunk_z,
             cu_seqlens,
             *ctx.options,
         )
@@ -111,7 +123,7 @@ def linear_attention_cpp(
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (t.contiguous() for t in initial_state)
-    o, _, S, z = torch.ops.agiformer_kernels.linear_attention_fwd(
+    o, _, S, z, _, _ = torch.ops.agiformer_kernels.linear_attention_fwd(
         _last_contiguous(q),
         _last_contiguous(k),
         _last_contiguous(v),
