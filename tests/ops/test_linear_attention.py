@@ -277,6 +277,7 @@ def test_fused_projection_views(backend):
 
 
 def test_opcheck_cpu_ops():
+    assert cpp.load_library() is None
     q, k, v, (S0, z0) = make_inputs(1, 70, 2, 16, torch.float32, 8, n_state=2)
     cu = torch.tensor([0, 30, 70], dtype=torch.int32)
     ops = torch.ops.agiformer_kernels

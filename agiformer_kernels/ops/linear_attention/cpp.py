@@ -186,6 +186,11 @@ def _available(kernel: str, device_type: str):
     return available
 
 
+def load_library(device_type: str = "cpu") -> Optional[str]:
+    """Load the extension (building it if needed) with its fake and autograd registrations; why not, or None."""
+    return _available("linear_attention_fwd", device_type)(device_type)
+
+
 backends.register(
     "linear_attention", "cpu", linear_attention_cpp, available=_available("linear_attention_fwd", "cpu")
 )
