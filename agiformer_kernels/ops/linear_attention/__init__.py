@@ -9,7 +9,7 @@ import torch
 
 from ... import backends
 from ..common import check_float, check_index, check_same, check_shape
-from . import cpp, reference  # noqa: F401  (each registers its backends)
+from . import cpp, reference, triton  # noqa: F401  (each registers its backends)
 from .reference import State, acc_dtype
 
 FEATURE_MAPS = ("elu+1", "identity")
