@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 
 from ... import backends
+from .cpp import CHUNK, chunk_rows  # the same chunk-state row layout as the C++ kernels
 from .reference import State, acc_dtype
 
-CHUNK = 64
 MAX_HEAD_DIM = 128
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -118,7 +118,7 @@ if HAVE_TRITON:
     @triton.jit
     def chunk_output_fwd_kernel(
         q, k, v, o, den, chunk_S, chunk_z, cu_seqlens, chunk_seq, chunk_idx,
-        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
+        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
         H, L, D, Dv, NC, feature_eps, scale, eps,
         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr,
         PACKED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -150,7 +150,7 @@ if HAVE_TRITON:
             num = num / dn[:, None]
             if pid_v == 0:
                 tl.store(den + (b * H + h) * L + tok, dn, mask=mt)
-        tl.store(o + b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :], num.to(o.dtype.element_ty),
+        tl.store(o + b * s_ob + tok[:, None] * s_ol + h * s_oh + j[None, :], num.to(o.dtype.element_ty),
                  mask=mt[:, None] & mj[None, :])
 
     @triton.jit
@@ -305,11 +305,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
-def chunk_rows(B: int, L: int, n_seq: int, packed: bool) -> int:
-    """Rows of the chunk-state tensors: B·⌈L/C⌉, or ⌊T/C⌋ + n when packed (segment i starts at ⌊start/C⌋ + i)."""
-    return L // CHUNK + n_seq if packed else B * -(-L // CHUNK)
-
-
 def _chunk_table(cu_seqlens: torch.Tensor):
     """(segment, chunk within it) of every chunk of a packed batch, for the per-chunk grids."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -375,7 +370,7 @@ def linear_attention_triton_fwd(
     if n_chunks:
         chunk_output_fwd_kernel[(n_chunks, H, triton.cdiv(Dv, BV))](
             q, k, v, o, den, chunk_S, chunk_z, cu_seqlens, chunk_seq, chunk_idx,
-            *_strides(q), *_strides(k), *_strides(v),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, L, D, Dv, NC, feature_eps, scale, eps,
             C=CHUNK, BK=_block(D), BV=BV, ELU=elu, NORMALIZE=normalize, PACKED=packed, ACC=_acc(q.dtype),
             PRECISION=_precision(q.dtype),
