@@ -29,6 +29,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -45,12 +46,21 @@ namespace agf_gru_patch {
 
 using at::Tensor;
 constexpr int64_t kVocab = 256;
-constexpr int64_t kTile = 64;      // patches per work item of the tiled kernels
+constexpr int64_t kTile = 128;      // patches per work item of the tiled kernels
 constexpr int64_t kSmallM = 32;    // sampling at M <= kSmallM splits units across threads instead
 constexpr int64_t kTableMin = 512; // build the byte table when M·P >= this (it costs 256 rows)
 
 // ------------------------------------------------------------------------------------------------
 // Small dense helpers
+
+// Uninitialised scratch: std::vector would zero whole tiles first, only to overwrite them.
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  explicit Scratch(int64_t n) : p(n > 0 ? new T[n] : nullptr) {}
+  T* data() const { return p.get(); }
+  T& operator[](int64_t i) const { return p[i]; }
+};
 
 template <typename T>
 Tensor view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
@@ -180,7 +190,29 @@ inline void gate_row_bwd(int64_t h, T* dh, const T* g, const T* hprev, T* dgi, T
   const T* z = g + h;
   const T* n = g + 2 * h;
   const T* hn = g + 3 * h;
-  for (int64_t j = 0; j < h; ++j) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (; j < h; j += 16) {
+      const __mmask16 m = tail16(h - j);
+      auto ld = [m](const float* p) { return _mm512_maskz_loadu_ps(m, p); };
+      const __m512 d = ld(dh + j), rv = ld(r + j), zv = ld(z + j), nv = ld(n + j), hnv = ld(hn + j);
+      const __m512 hp = hprev ? ld(hprev + j) : _mm512_setzero_ps();
+      const __m512 dan = _mm512_mul_ps(_mm512_mul_ps(d, _mm512_sub_ps(one, zv)), _mm512_fnmadd_ps(nv, nv, one));
+      const __m512 daz = _mm512_mul_ps(_mm512_mul_ps(d, _mm512_sub_ps(hp, nv)), _mm512_mul_ps(zv, _mm512_sub_ps(one, zv)));
+      const __m512 dar = _mm512_mul_ps(_mm512_mul_ps(dan, hnv), _mm512_mul_ps(rv, _mm512_sub_ps(one, rv)));
+      _mm512_mask_storeu_ps(dgi + j, m, dar);
+      _mm512_mask_storeu_ps(dgi + h + j, m, daz);
+      _mm512_mask_storeu_ps(dgi + 2 * h + j, m, dan);
+      _mm512_mask_storeu_ps(dgh + j, m, dar);
+      _mm512_mask_storeu_ps(dgh + h + j, m, daz);
+      _mm512_mask_storeu_ps(dgh + 2 * h + j, m, _mm512_mul_ps(dan, rv));
+      _mm512_mask_storeu_ps(dh + j, m, _mm512_mul_ps(d, zv));
+    }
+  }
+#endif
+  for (; j < h; ++j) {
     const T d = dh[j];
     const T hp = hprev ? hprev[j] : T(0);
     const T dan = d * (T(1) - z[j]) * (T(1) - n[j] * n[j]);
@@ -199,6 +231,22 @@ inline void gate_row_bwd(int64_t h, T* dh, const T* g, const T* hprev, T* dgi, T
 // logits row l (bias not yet added) → l + b; returns log Σ exp.
 template <typename T>
 inline T add_bias_lse(T* l, const T* b, T* scratch) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    static_assert(kVocab % 16 == 0);
+    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t k = 0; k < kVocab; k += 16) {
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(l + k), _mm512_loadu_ps(b + k));
+      _mm512_storeu_ps(l + k, v);
+      mv = _mm512_max_ps(mv, v);
+    }
+    const float mx = _mm512_reduce_max_ps(mv);
+    exp_affine(l, -mx, 1.f, scratch, kVocab);
+    __m512 sv = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kVocab; k += 16) sv = _mm512_add_ps(sv, _mm512_loadu_ps(scratch + k));
+    return mx + std::log(_mm512_reduce_add_ps(sv));
+  }
+#endif
   T mx = -std::numeric_limits<T>::infinity();
   for (int64_t k = 0; k < kVocab; ++k) {
     l[k] += b[k];
@@ -265,6 +313,24 @@ inline int64_t choose_byte(const T* l, const SampleParams& sp, int64_t row, int6
 // y[i·ldy + j] = Σ_k x_i[k]·W[j·ldw + k] for i < m, j < n: the few-rows product of the generation
 // regime, where BLAS call overhead would dominate. Register tile: 4 weight rows × 4 input rows.
 
+#if defined(__AVX512F__)
+// The 16 horizontal sums of a[0..15] in one vector (lane q = Σ a[q]): pairwise unpacks within 128-bit lanes,
+// then across them; a quarter of the shuffles of 16 separate reductions, which would cost as much as the
+// 16 FMAs per k-step they finish.
+inline __m512 hsum16(const __m512* a) {
+  __m512 t[8], u[4];
+  for (int p = 0; p < 8; ++p)
+    t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+  for (int p = 0; p < 4; ++p) {
+    const __m512d x = _mm512_castps_pd(t[2 * p]), y = _mm512_castps_pd(t[2 * p + 1]);
+    u[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
+}
+#endif
+
 template <typename T, int JB, int IB>
 inline void dot_block(const T* const* x, const T* W, int64_t ldw, int64_t k, T* y, int64_t ldy) {
 #if defined(__AVX512F__)
@@ -281,8 +347,13 @@ inline void dot_block(const T* const* x, const T* W, int64_t ldw, int64_t k, T* 
         for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
       }
     }
-    for (int i = 0; i < IB; ++i)
-      for (int j = 0; j < JB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    if constexpr (IB == 4 && JB == 4) {
+      const __m512 sums = hsum16(&acc[0][0]);  // lane i·4 + j = Σ acc[i][j]
+      for (int i = 0; i < 4; ++i) _mm_storeu_ps(y + i * ldy, _mm512_extractf32x4_ps(sums, i));
+    } else {
+      for (int i = 0; i < IB; ++i)
+        for (int j = 0; j < JB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
     return;
   }
 #endif
@@ -391,7 +462,7 @@ template <typename T>
 void forward_tile(const Weights<T>& W, const T* ctx, const int64_t* bytes, int64_t P, int64_t r0, int64_t rows,
                   T* hid, T* gates) {
   const int64_t h = W.h, G = 3 * h;
-  std::vector<T> gc(rows * G), gh(rows * G), gbuf(W.table ? 0 : rows * G), ebuf(W.table ? 0 : rows * h);
+  Scratch<T> gc(rows * G), gh(rows * G), gbuf(W.table ? 0 : rows * G), ebuf(W.table ? 0 : rows * h);
   std::vector<const T*> ge(rows);
   gemm(view(gc.data(), rows, G, G), view(ctx + r0 * h, rows, h, h), W.w_c().t(), false);
   for (int64_t t = 0; t < P; ++t) {
@@ -421,7 +492,8 @@ template <typename T>
 void backward_tile(const Weights<T>& W, const T* ctx, const int64_t* bytes, int64_t P, int64_t r0, int64_t rows,
                    const T* hid, const T* gates, const T* dH, T* dctx, const Partial<T>& g) {
   const int64_t h = W.h, G = 3 * h;
-  std::vector<T> dh(rows * h), dgi(rows * G), dgh(rows * G), dgc(rows * G, T(0));
+  Scratch<T> dh(rows * h), dgi(rows * G), dgh(rows * G);
+  std::vector<T> dgc(rows * G, T(0));
   for (int64_t i = 0; i < rows; ++i) std::memcpy(dh.data() + i * h, dH + (i * P + P - 1) * h, h * sizeof(T));
   for (int64_t t = P - 1; t >= 0; --t) {
     for (int64_t i = 0; i < rows; ++i) {
@@ -459,8 +531,11 @@ void backward_tile(const Weights<T>& W, const T* ctx, const int64_t* bytes, int6
 
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Contiguous copy in the accumulation dtype (no copy when it already is one).
-inline Tensor acc(const Tensor& t, at::ScalarType a) { return t.to(a).contiguous(); }
+// Contiguous, in the accumulation dtype; the common case (already so) skips the dispatcher entirely,
+// which matters at M = 1 where the whole call is tens of microseconds.
+inline Tensor acc(const Tensor& t, at::ScalarType a) {
+  return t.scalar_type() == a && t.is_contiguous() ? t : t.to(a).contiguous();
+}
 
 inline void check_common(const Tensor& context, const Tensor& byte_emb, const Tensor& w_ih, const Tensor& w_hh) {
   for (const Tensor* t : {&context, &byte_emb, &w_ih, &w_hh}) AGF_CHECK_DEVICE(*t, at::kCPU);
@@ -592,7 +667,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> loss_fwd_cpu(const Tensor& context, c
     const int64_t *b = bytes.data_ptr<int64_t>(), *yp = y.data_ptr<int64_t>();
     T *lp = loss.data_ptr<T>(), *sp = lse.data_ptr<T>();
     for_each_tile(M, [&](int64_t r0, int64_t rows) {
-      std::vector<T> local(save ? 0 : rows * P * h), logits(rows * P * kVocab), e(kVocab);
+      Scratch<T> local(save ? 0 : rows * P * h), logits(rows * P * kVocab), e(kVocab);
       T* hp = save ? hid.data_ptr<T>() + r0 * P * h : local.data();
       forward_tile(W, c, b, P, r0, rows, hp, save ? gates.data_ptr<T>() + r0 * P * 4 * h : nullptr);
       gemm(view(logits.data(), rows * P, kVocab, kVocab), view(hp, rows * P, h, h), view(hwp, kVocab, h, h).t(),
@@ -638,7 +713,7 @@ std::vector<Tensor> loss_bwd_cpu(const Tensor& grad_loss, const Tensor& context,
       const int64_t tid = at::get_thread_num();
       const int64_t n = rows * P;
       const T* ht = hp + r0 * P * h;
-      std::vector<T> dl(n * kVocab), dH(n * h);
+      Scratch<T> dl(n * kVocab), dH(n * h);
       const Tensor dl_v = view(dl.data(), n, kVocab, kVocab), h_v = view(ht, n, h, h);
       gemm(dl_v, h_v, view(hwp, kVocab, h, h).t(), false);
       T* dhbp = dhb[tid].data_ptr<T>();
@@ -669,8 +744,8 @@ void sample_tiled(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
                   const int64_t* prefix, int64_t forced, int64_t sos, const SampleParams& sp, int64_t* out) {
   const int64_t h = W.h, G = 3 * h;
   for_each_tile(M, [&](int64_t r0, int64_t rows) {
-    std::vector<T> gc(rows * G), gh(rows * G), hs(rows * h), logits(rows * kVocab), e(kVocab);
-    std::vector<T> gbuf(W.table ? 0 : rows * G), ebuf(W.table ? 0 : rows * h);
+    Scratch<T> gc(rows * G), gh(rows * G), hs(rows * h), logits(rows * kVocab), e(kVocab);
+    Scratch<T> gbuf(W.table ? 0 : rows * G), ebuf(W.table ? 0 : rows * h);
     std::vector<const T*> ge(rows);
     std::vector<int64_t> cur(rows, sos);
     const Tensor h_v = view(hs.data(), rows, h, h);
@@ -705,7 +780,7 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
                   const int64_t* prefix, int64_t forced, int64_t sos, const SampleParams& sp, int64_t* out,
                   int threads) {
   const int64_t h = W.h;
-  std::vector<T> hbuf(2 * M * h), logits(2 * M * kVocab);
+  Scratch<T> hbuf(2 * M * h), logits(2 * M * kVocab);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
@@ -720,7 +795,7 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
     const int64_t u0 = std::min(h, chunks * tid / nt * 16), u1 = std::min(h, chunks * (tid + 1) / nt * 16);
     const int64_t v0 = kVocab * tid / nt, v1 = kVocab * (tid + 1) / nt;
     const int64_t nu = u1 - u0, L = 3 * nu;  // local gate rows [r | z | n] of the own units
-    std::vector<T> gc(M * L), ge(M * L), gh(M * L), bih(L), bhh(L), e(kVocab);
+    Scratch<T> gc(M * L), ge(M * L), gh(M * L), bih(L), bhh(L), e(kVocab);
     std::vector<const T*> x(M);
     std::vector<int64_t> cur(M, sos);
     for (int64_t q = 0; q < 3; ++q)
@@ -793,8 +868,8 @@ Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& w
     TORCH_CHECK(pre.size(0) == M && forced < P, "prefix must be [M, r] with r < patch_size");
   }
   Tensor out = at::empty({M, P}, ctx.options().dtype(at::kLong));
-  const int threads = std::min<int>(at::get_num_threads(), static_cast<int>(h / 64));
-  const bool split = M <= kSmallM && threads > 1;
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(h / 64)));
+  const bool split = M <= kSmallM;
   const Tensor table = split ? Tensor() : byte_table(emb, w_ih, M * P);
   AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_sample", [&] {
     using T = scalar_t;

@@ -24,6 +24,9 @@ def _register_python_side() -> None:
     global _ops
     if _ops is not None:
         return
+    from ... import extension
+
+    extension.load(OP_LIB)
     _ops = torch.ops.agiformer_kernels
 
     @torch.library.register_fake("agiformer_kernels::gru_patch_decode_fwd")
