@@ -165,6 +165,8 @@ def _check_step_state(q, k, v, state, **kwargs) -> Optional[str]:
 
 
 def _check_cuda(q, k, v, *args, **kwargs) -> Optional[str]:
+    if q.dtype == torch.float64:
+        return "the CUDA kernels take float32, float16 or bfloat16 (fp32 state), not float64"
     if q.shape[-1] > MAX_CUDA_HEAD_DIM or v.shape[-1] > MAX_CUDA_HEAD_DIM:
         return f"the CUDA kernels take head dims up to {MAX_CUDA_HEAD_DIM}, got D = {q.shape[-1]}, Dv = {v.shape[-1]}"
     return None
