@@ -15,7 +15,7 @@ checkpoints.
 
 from __future__ import annotations
 
-from . import _threads  # noqa: F401  (before torch: OpenMP's wait policy)
+from . import _runtime  # noqa: F401  (before torch: OpenMP and malloc settings)
 
 import argparse
 import contextlib
@@ -232,9 +232,9 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
         while step < cfg["steps"]:
             start = time.perf_counter()
             seq = sampler.next().to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)  # before forward: last step's gradients free meanwhile
             with autocast:
                 loss = wrapped(seq)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])

@@ -176,9 +176,9 @@ class AGIFORMER(nn.Module):
 def train_step(model, optimizer, seq):
     """One v1 training step on a batch of byte windows [B, L]: patch i predicts the P bytes after it."""
     P = model.patch_size
+    optimizer.zero_grad(set_to_none=True)
     logits = model(seq[:, :-P], seq[:, P:])
     loss = F.cross_entropy(logits.reshape(-1, 256), seq[:, P:].reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
     optimizer.step()

@@ -7,6 +7,7 @@ generation in bytes/s), written to ``benchmarks/results/model-<device>.json``:
 
     python -m benchmarks.cases.model                 # CPU: train B1/B4 L1024, L16384 memory, generation
     python -m benchmarks.cases.model --device cuda   # GPU: train B8 L4096 bf16, generation after 4096 bytes
+    python -m benchmarks.cases.model --only L16384   # some rows, merged into the last run's file
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -29,36 +31,37 @@ CONFIG = dict(d_model=512, n_layers=6, num_heads=8, patch_size=4, window_size=12
               thinking_steps=3)
 
 
-def models(device: str, dtype: torch.dtype, train: bool):
-    """v1 and ours with the same fp32 weights (default configuration); low precision runs under autocast."""
+def models(device: str, train: bool, only: Optional[str] = None) -> dict:
+    """{"v1": ..., "ours": ...} with the same fp32 weights (default configuration; the same seed gives
+    both the same initialisation), or just the one named ``only``. Low precision runs under autocast."""
     from agiformer import AGIFORMER
     from benchmarks.baselines import v1
 
-    torch.manual_seed(0)
-    old = v1.AGIFORMER(**CONFIG).to(device)
-    new = AGIFORMER(**CONFIG).to(device)
-    new.load_state_dict(old.state_dict())
-    return old.train(train), new.train(train)
+    built = {}
+    for name, cls in (("v1", v1.AGIFORMER), ("ours", AGIFORMER)):
+        if only in (None, name):
+            torch.manual_seed(0)
+            built[name] = cls(**CONFIG).to(device).train(train)
+    return built
 
 
-def train_inputs(B: int, L: int):
+def train_inputs(B: int, L: int, only: Optional[str] = None):
     def make(device, dtype):
-        old, new = models(device, dtype, train=True)
-        inputs = {"seq": torch.randint(0, 256, (B, L), device=device), "v1": old, "ours": new, "dtype": dtype}
-        # the parameters are the leaves the runner differentiates (and clears)
-        inputs.update({f"v1.{n}": p for n, p in old.named_parameters()})
-        inputs.update({f"ours.{n}": p for n, p in new.named_parameters()})
+        built = models(device, train=True, only=only)
+        inputs = {"seq": torch.randint(0, 256, (B, L), device=device), "dtype": dtype, **built}
+        for name, model in built.items():  # the parameters are the leaves the runner differentiates
+            inputs.update({f"{name}.{n}": p for n, p in model.named_parameters()})
         return inputs
 
     return make
 
 
-def generation_inputs(B: int, context: int, new_bytes: int):
+def generation_inputs(B: int, context: int, new_bytes: int, only: Optional[str] = None):
     def make(device, dtype):
-        old, new = models(device, dtype, train=False)
         g = torch.Generator().manual_seed(0)
         prompts = [bytes(torch.randint(32, 127, (context,), generator=g).tolist()) for _ in range(B)]
-        return {"prompts": prompts, "new_bytes": new_bytes, "v1": old, "ours": new, "dtype": dtype}
+        return {"prompts": prompts, "new_bytes": new_bytes, "dtype": dtype,
+                **models(device, train=False, only=only)}
 
     return make
 
@@ -131,24 +134,23 @@ def _one(kind: str, which: str, B: int, L: int, new_bytes: int, device: str, rep
     """One measurement in this process (the script runs each in its own, for a clean RSS peak)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if kind == "train":
-        inputs = train_inputs(B, L)(device, dtype)
+        inputs = train_inputs(B, L, only=which)(device, dtype)
         model = inputs[which]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
         run = v1_train if which == "v1" else ours_train
 
         def step():
-            loss = run(inputs)
             opt.zero_grad(set_to_none=True)
+            loss = run(inputs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
             opt.step()
     else:
-        inputs = generation_inputs(B, L, new_bytes)(device, dtype)
+        inputs = generation_inputs(B, L, new_bytes, only=which)(device, dtype)
         run = v1_generate if which == "v1" else ours_generate
 
         def step():
             run(inputs)
-    del inputs["v1" if which == "ours" else "ours"]
     if device == "cpu":
         Path("/proc/self/clear_refs").write_text("5")
         base = _hwm_mib()
@@ -209,6 +211,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.one:
+        # every row, v1's too, runs under the process settings of agiformer's commands (malloc's mmap
+        # threshold, OpenMP's wait policy), which bring resident memory close to live memory
+        import agiformer._runtime  # noqa: F401
+
         kind, which, B, L, n, device, reps = args.one
         print(json.dumps(_one(kind, which, int(B), int(L), int(n), device, int(reps))))
         return
@@ -226,10 +232,16 @@ def main(argv=None) -> None:
             row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(name, json.dumps({k: v for k, v in row.items() if k not in ("kind", "impl", "B", "L")}), flush=True)
-    add_steady_rates(rows)
     out = args.out or Path(__file__).resolve().parents[1] / "results" / f"model-{args.device}.json"
+    if args.only and out.exists():  # a partial run replaces its rows in the last full run's file
+        def key(r):
+            return r["kind"], r["impl"], r["B"], r["L"], r.get("new_bytes")
+
+        mine = {key(r) for r in rows}
+        rows = [r for r in json.loads(out.read_text())["rows"] if key(r) not in mine] + rows
+    add_steady_rates(rows)
     meta = dict(load_average=os.getloadavg(), cpu_count=os.cpu_count(), torch=torch.__version__,
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+                settings="agiformer._runtime (OMP_WAIT_POLICY=PASSIVE unless set, 1 MB malloc mmap threshold)")
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {out}")
 
