@@ -167,7 +167,12 @@ __global__ void __launch_bounds__(kThreads) chunk_states_fwd_kernel(FwdParams p)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) chunk_output_fwd_kernel(FwdParams p) {
-  __shared__ float qs[C * 17], ks[C * 17], ss[16 * 65], as[C * 65], vs[C * 65], den_s[C];
+  __shared__ float qs[C * 17];
+  __shared__ float ks[C * 17];
+  __shared__ float ss[16 * 65];
+  __shared__ float as[C * 65];
+  __shared__ float vs[C * 65];
+  __shared__ float den_s[C];
   const Options& o = p.opt;
   const int H = p.seq.H, D = o.D, Dv = o.Dv;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -239,7 +244,7 @@ __global__ void __launch_bounds__(kThreads) chunk_output_fwd_kernel(FwdParams p)
 template <typename T>
 __global__ void __launch_bounds__(kThreads) chunk_dstates_bwd_kernel(BwdParams p) {
   __shared__ float qs[kSub][kMaxHeadDim + 1];
-  __shared__ float gs_[kSub][kSweepBV + 1];
+  __shared__ float gnum[kSub][kSweepBV + 1];
   __shared__ float dden[kSub];
   const Options& o = p.opt;
   const int H = p.seq.H, D = o.D, Dv = o.Dv;
@@ -285,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) chunk_dstates_bwd_kernel(BwdParams p
           g = agf::to_acc(row_ptr<T>(p.grad_o, s.b, s.start + t0 + t, h)[j0 + jj]);
           if (o.normalize) g /= den_row[t0 + t];
         }
-        gs_[t][jj] = g;
+        gnum[t][jj] = g;
       }
       if (o.normalize && blockIdx.y == 0 && tid < n) {
         const T* gr = row_ptr<T>(p.grad_o, s.b, s.start + t0 + tid, h);
@@ -300,7 +305,7 @@ __global__ void __launch_bounds__(kThreads) chunk_dstates_bwd_kernel(BwdParams p
         for (int a = 0; a < 4; ++a) {
           const float qd = lane + 32 * a < D ? qs[t][lane + 32 * a] : 0.f;
 #pragma unroll
-          for (int b = 0; b < 4; ++b) dS[a][b] = fmaf(qd, gs_[t][warp + 8 * b], dS[a][b]);
+          for (int b = 0; b < 4; ++b) dS[a][b] = fmaf(qd, gnum[t][warp + 8 * b], dS[a][b]);
         }
       }
       if (o.normalize && blockIdx.y == 0 && tid < D)
@@ -319,9 +324,14 @@ __global__ void __launch_bounds__(kThreads) chunk_dstates_bwd_kernel(BwdParams p
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) chunk_grads_bwd_kernel(BwdParams p) {
-  __shared__ float as[C * 65], bs[C * 65];  // scores A and their gradient Bm, both masked to s <= t
-  __shared__ float x1[C * 17], x2[C * 17];  // staging: [64][17] slices, or x2 as [16][65]
-  __shared__ float dden[C], inv_den[C], zs[kMaxHeadDim], dzs[kMaxHeadDim];
+  __shared__ float as[C * 65];  // scores A and their gradient Bm, both masked to s <= t
+  __shared__ float bs[C * 65];
+  __shared__ float x1[C * 17];  // staging: [64][17] slices, or x2 as [16][65]
+  __shared__ float x2[C * 17];
+  __shared__ float dden[C];
+  __shared__ float inv_den[C];
+  __shared__ float zs[kMaxHeadDim];
+  __shared__ float dzs[kMaxHeadDim];
   const Options& o = p.opt;
   const int H = p.seq.H, D = o.D, Dv = o.Dv;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -532,7 +542,9 @@ __global__ void __launch_bounds__(kThreads) chunk_grads_bwd_kernel(BwdParams p) 
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxHeadDim) step_kernel(StepParams p) {
-  __shared__ float qh[kMaxHeadDim], kh[kMaxHeadDim], partial[kMaxHeadDim];
+  __shared__ float qh[kMaxHeadDim];
+  __shared__ float kh[kMaxHeadDim];
+  __shared__ float partial[kMaxHeadDim];
   const Options& o = p.opt;
   const int D = o.D, Dv = o.Dv, tid = threadIdx.x;
   const int64_t bh = blockIdx.x, b = bh / p.H, h = bh % p.H;

@@ -1,0 +1,290 @@
+"""The CUDA kernels of linear_attention (csrc/linear_attention/linear_attention.cu), run on the CPU.
+
+Without a GPU, nvcc only proves the kernels compile. Here the same source is compiled by g++ against a
+small emulation of the CUDA runtime: every thread of a block is a std::thread, __syncthreads is a
+std::barrier, each block's shared arrays are carved from a NaN-filled arena, `<<<...>>>` launches run the
+blocks one after another. That checks the kernels' indexing, tiling, masking, chunk-state bookkeeping
+and synchronization points against the float64 oracle; it says nothing about speed or warp timing.
+The real thing runs in the gpu-marked tests of test_linear_attention_triton.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from agiformer_kernels.ops.linear_attention.cpp import chunk_rows
+from agiformer_kernels.ops.linear_attention.reference import linear_attention_step_reference
+from tests.ops.test_linear_attention import TOLERANCE, _case, fp32_grad_tol, offsets_for, rel_rms, run, shape_id
+from tests.utils import assert_close, assert_low_precision_close
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCE = CSRC / "linear_attention" / "linear_attention.cu"
+
+CUDA_RUNTIME = r"""
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+typedef void* cudaStream_t;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
+struct emu_index { unsigned x = 0, y = 0, z = 0; };
+inline thread_local emu_index threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+inline thread_local std::barrier<>* emu_barrier = nullptr;
+inline thread_local char* emu_arena = nullptr;
+inline thread_local size_t emu_used = 0;
+inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+// Shared arrays in declaration order: every thread of a block walks the same order, so gets the same address.
+inline void* emu_shared(size_t bytes) { void* p = emu_arena + emu_used; emu_used += (bytes + 15) / 16 * 16; return p; }
+template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
+template <class A, class B> inline auto max(A a, B b) { return a > b ? a : b; }
+inline float __expf(float x) { return std::exp(x); }
+using std::fmaf; using std::fminf;
+template <class K, class P>
+cudaError_t emu_launch(K kernel, dim3 grid, dim3 block, size_t, cudaStream_t, const P& params) {
+  const unsigned threads = block.x * block.y * block.z;
+  std::vector<float> arena(48 * 1024 / sizeof(float));
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::fill(arena.begin(), arena.end(), std::nanf(""));
+        std::barrier<> bar(threads);
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; blockIdx.z = bz; blockDim = block; gridDim = grid;
+            emu_barrier = &bar; emu_arena = reinterpret_cast<char*>(arena.data()); emu_used = 0;
+            kernel(params);
+          });
+        for (auto& th : pool) th.join();
+      }
+  return cudaSuccess;
+}
+"""
+
+CUDA_FP16 = r"""
+#pragma once
+struct __half { _Float16 x; };
+inline float __half2float(__half h) { return (float)h.x; }
+inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
+"""
+
+CUDA_BF16 = r"""
+#pragma once
+#include <cstdint>
+#include <cstring>
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return {uint16_t(u >> 16)};
+}
+"""
+
+ENTRY_POINTS = r"""
+#include "kernels.cu"
+using namespace agf_la;
+static Rows rows(void* p, int L, int H, int E) { return {p, (int64_t)L * H * E, (int64_t)H * E, E}; }
+static Sequences seqs(const int32_t* cu, const int32_t* table, int n_seq, int n_chunks, int B, int L, int H) {
+  return {cu, table, table ? table + n_chunks : nullptr, n_seq, n_chunks, B, L, H, (L + kChunk - 1) / kChunk};
+}
+extern "C" {
+int emu_fwd(int dt, void* q, void* k, void* v, void* o, const float* S0, const float* z0, float* den, float* S,
+            float* z, float* cS, float* cz, const int32_t* cu, const int32_t* table, int n_seq, int n_chunks, int B,
+            int L, int H, int D, int Dv, int elu, int normalize, float feps, float scale, float eps) {
+  FwdParams p{rows(q, L, H, D), rows(k, L, H, D), rows(v, L, H, Dv), rows(o, L, H, Dv), S0, z0, den, S, z, cS, cz,
+              seqs(cu, table, n_seq, n_chunks, B, L, H), {D, Dv, elu != 0, normalize != 0, feps, scale, eps}};
+  return fwd(p, DType(dt), nullptr);
+}
+int emu_bwd(int dt, void* q, void* k, void* v, void* o, void* go, void* dq, void* dk, void* dv, const float* den,
+            const float* cS, const float* cz, float* cdS, float* cdz, const float* dS, const float* dz, float* dS0,
+            float* dz0, const int32_t* cu, const int32_t* table, int n_seq, int n_chunks, int B, int L, int H, int D,
+            int Dv, int elu, int normalize, float feps, float scale) {
+  BwdParams p{rows(q, L, H, D), rows(k, L, H, D), rows(v, L, H, Dv), rows(o, L, H, Dv), rows(go, L, H, Dv),
+              rows(dq, L, H, D), rows(dk, L, H, D), rows(dv, L, H, Dv), den, cS, cz, cdS, cdz, dS, dz, dS0, dz0,
+              seqs(cu, table, n_seq, n_chunks, B, L, H), {D, Dv, elu != 0, normalize != 0, feps, scale, 0.f}};
+  return bwd(p, DType(dt), nullptr);
+}
+int emu_step(int dt, void* q, void* k, void* v, float* S, float* z, void* o, int B, int H, int D, int Dv, int elu,
+             int normalize, float feps, float scale, float eps) {
+  StepParams p{q, k, v, (int64_t)H * D, D, (int64_t)H * D, D, (int64_t)H * Dv, Dv, S, z, o, B, H,
+               {D, Dv, elu != 0, normalize != 0, feps, scale, eps}};
+  return step(p, DType(dt), nullptr);
+}
+}
+"""
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _for_gcc(source: str) -> str:
+    """The .cu source with launches and shared arrays spelled for the emulation."""
+    source = re.sub(r"(\w+<\w+>)<<<(.*?)>>>\(p\)", r"emu_launch(\1, \2, p)", source)
+    source = re.sub(
+        r"__shared__ float (\w+)((?:\[[^\]]+\])+);",
+        r"auto& \1 = *reinterpret_cast<float(*)\2>(emu_shared(sizeof(float\2)));",
+        source,
+    )
+    assert "<<<" not in source and "__shared__" not in source, "a launch or shared array the emulation misses"
+    return source
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not installed")
+    folder = tmp_path_factory.mktemp("cuda_emulation")
+    (folder / "include").mkdir()
+    (folder / "include" / "cuda_runtime.h").write_text(CUDA_RUNTIME)
+    (folder / "include" / "cuda_fp16.h").write_text(CUDA_FP16)
+    (folder / "include" / "cuda_bf16.h").write_text(CUDA_BF16)
+    (folder / "kernels.cu").write_text(_for_gcc(SOURCE.read_text()))
+    (folder / "entry.cpp").write_text(ENTRY_POINTS)
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
+           "-I", str(folder / "include"), "-I", str(CSRC / "common"), "-I", str(SOURCE.parent),
+           str(folder / "entry.cpp"), "-o", str(folder / "k.so")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 and ("barrier" in done.stderr or "_Float16" in done.stderr):
+        pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {done.stderr[-300:]}")
+    assert done.returncode == 0, f"g++ failed on the emulated CUDA source:\n{done.stderr[-4000:]}"
+    return ctypes.CDLL(str(folder / "k.so"))
+
+
+def _p(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _nan(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def chunk_table(offsets):
+    """(segment, chunk within it) of every chunk, as the CUDA binding builds it: [2, n_chunks] int32."""
+    seq, idx = [], []
+    for i in range(len(offsets) - 1):
+        n = -(-(offsets[i + 1] - offsets[i]) // 64)
+        seq += [i] * n
+        idx += list(range(n))
+    return torch.tensor([seq, idx], dtype=torch.int32).contiguous(), len(seq)
+
+
+def emulate(kernels, q, k, v, init, offsets, opts, grads_out):
+    """Forward and backward through the emulated kernels: (o, S, z), (dq, dk, dv, dS0, dz0)."""
+    B, L, H, D = q.shape
+    Dv = v.shape[-1]
+    o_ = dict(feature_map="elu+1", feature_eps=1e-4, scale=1 / math.sqrt(D), eps=1e-4, normalize=True)
+    o_.update(dict(opts))
+    elu, norm = int(o_["feature_map"] == "elu+1"), int(o_["normalize"])
+    feps, scale, eps = (ctypes.c_float(o_[n]) for n in ("feature_eps", "scale", "eps"))
+    packed = offsets is not None
+    n = len(offsets) - 1 if packed else B
+    NC = -(-L // 64)
+    cu = torch.tensor(offsets, dtype=torch.int32) if packed else None
+    table, n_chunks = chunk_table(offsets) if packed else (None, B * NC)
+    rows = chunk_rows(B, L, n, packed)
+    dt = DTYPE_CODE[q.dtype]
+    S0, z0 = (None, None) if init is None else (init[0].float().contiguous(), init[1].float().contiguous())
+    o = _nan(B, L, H, Dv, dtype=q.dtype)
+    den, S, z = _nan(B, H, L), _nan(n, H, D, Dv), _nan(n, H, D)
+    cS, cz = torch.zeros(rows, H, Dv, D), torch.zeros(rows, H, D)  # a packed batch leaves rows unused
+    assert kernels.emu_fwd(dt, _p(q), _p(k), _p(v), _p(o), _p(S0), _p(z0), _p(den), _p(S), _p(z), _p(cS), _p(cz),
+                           _p(cu), _p(table), n, n_chunks, B, L, H, D, Dv, elu, norm, feps, scale, eps) == 0
+    go = grads_out[0].to(q.dtype).contiguous()
+    dS, dz = grads_out[1].float().contiguous(), grads_out[2].float().contiguous()
+    dq, dk = _nan(B, L, H, D, dtype=q.dtype), _nan(B, L, H, D, dtype=q.dtype)
+    dv = _nan(B, L, H, Dv, dtype=q.dtype)
+    cdS, cdz = torch.zeros_like(cS), torch.zeros_like(cz)
+    dS0, dz0 = _nan(n, H, D, Dv), _nan(n, H, D)
+    assert kernels.emu_bwd(dt, _p(q), _p(k), _p(v), _p(o), _p(go), _p(dq), _p(dk), _p(dv), _p(den), _p(cS), _p(cz),
+                           _p(cdS), _p(cdz), _p(dS), _p(dz), _p(dS0), _p(dz0), _p(cu), _p(table), n, n_chunks, B, L,
+                           H, D, Dv, elu, norm, feps, scale) == 0
+    return (o, S, z), (dq, dk, dv, dS0, dz0)
+
+
+CASES = [
+    # (B, L, H, D, Dv, state, packed, options): the oracle cache is shared with test_linear_attention.py
+    (2, 1, 3, 16, 16, False, False, "default"),
+    (2, 63, 3, 32, 32, True, False, "default"),
+    (2, 65, 2, 64, 64, False, False, "identity-unnormalized"),
+    (1, 65, 2, 16, 24, True, True, "default"),
+    (1, 1000, 2, 32, 32, True, True, "scale0.5-eps1e-2"),
+    (2, 130, 2, 128, 64, True, False, "identity-unnormalized"),
+    (1, 1000, 1, 128, 128, False, False, "default"),
+]
+CASE_IDS = [
+    shape_id(B, L, H, D, Dv=f"Dv{Dv}" if Dv != D else "", state="state" if s else "", packed="cu" if p else "")
+    + f"-{o}"
+    for B, L, H, D, Dv, s, p, o in CASES
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cuda_kernels_emulated_match_oracle_fp32(kernels, case):
+    q, k, v, init, opts, (o_ref, (S_ref, z_ref), grads_out, grads_ref) = _case(*case, torch.float32)
+    offsets = offsets_for(case[1]) if case[6] else None
+    (o, S, z), grads = emulate(kernels, q, k, v, init, offsets, opts, grads_out)
+    assert_close("o", o, o_ref)
+    assert_close("S", S, S_ref)
+    assert_close("z", z, z_ref)
+    r_o, (r_S, r_z), r_leaves = run("reference", q, k, v, init, case[6], opts, requires_grad=True)
+    r_grads = torch.autograd.grad([r_o, r_S, r_z], r_leaves, [g.float() for g in grads_out])
+    names = ["dq", "dk", "dv", "dS0", "dz0"][: len(r_grads)]
+    for name, g, r, g_ref in zip(names, grads, r_grads, grads_ref):
+        assert_close(name, g, g_ref, tol=fp32_grad_tol(rel_rms(r, g_ref)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[CASE_IDS[1], CASE_IDS[3]])
+def test_cuda_kernels_emulated_low_precision(kernels, case, dtype):
+    q, k, v, init, opts, (o_ref, _, grads_out, grads_ref) = _case(*case, dtype)
+    offsets = offsets_for(case[1]) if case[6] else None
+    (o, S, z), grads = emulate(kernels, q, k, v, init, offsets, opts, grads_out)
+    r_o, (r_S, r_z), r_leaves = run("reference", q, k, v, init, case[6], opts, requires_grad=True)
+    upstream = [grads_out[0].to(dtype), grads_out[1].float(), grads_out[2].float()]
+    r_grads = torch.autograd.grad([r_o, r_S, r_z], r_leaves[:3], upstream)
+    assert_low_precision_close("o", o, o_ref, r_o)
+    for name, g, r, g_ref in zip(["dq", "dk", "dv"], grads, r_grads, grads_ref):
+        assert_low_precision_close(name, g, g_ref, r)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "unnormalized"])
+def test_cuda_step_emulated(kernels, normalize):
+    B, H, D, Dv = 2, 3, 64, 48
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(B, H, D, generator=g) for _ in range(2))
+    v = torch.randn(B, H, Dv, generator=g)
+    S, z = torch.randn(B, H, D, Dv, generator=g), torch.rand(B, H, D, generator=g) * 50
+    S_ref, z_ref = S.clone(), z.clone()
+    o = _nan(B, H, Dv)
+    assert kernels.emu_step(0, _p(q), _p(k), _p(v), _p(S), _p(z), _p(o), B, H, D, Dv, 1, int(normalize),
+                            ctypes.c_float(1e-4), ctypes.c_float(D**-0.5), ctypes.c_float(1e-4)) == 0
+    r = linear_attention_step_reference(q, k, v, (S_ref, z_ref), feature_map="elu+1", feature_eps=1e-4,
+                                        scale=D**-0.5, eps=1e-4, normalize=normalize)
+    assert_close("o", o, r)
+    assert_close("S", S, S_ref)
+    assert_close("z", z, z_ref)
+
+
+def test_emulation_sees_every_launch():
+    text = _for_gcc(SOURCE.read_text())
+    assert text.count("emu_launch(") == 5  # 2 forward, 2 backward, 1 step
