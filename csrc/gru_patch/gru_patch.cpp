@@ -643,13 +643,25 @@ inline Tensor teacher_bytes(const Tensor& targets, int64_t sos) {
   return at::cat({at::full({t.size(0), 1}, sos, t.options()), t.narrow(1, 0, t.size(1) - 1)}, 1).contiguous();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> loss_fwd_cpu(const Tensor& context, const Tensor& targets,
-                                                        const Tensor& byte_emb, const Tensor& weight_ih,
-                                                        const Tensor& weight_hh, const Tensor& bias_ih,
-                                                        const Tensor& bias_hh, const Tensor& head_weight,
-                                                        const Tensor& head_bias, int64_t sos, bool save) {
+// l ← g·(softmax(l) - onehot(y)) for one row of logits (bias included) with log-sum-exp `lse`.
+template <typename T>
+inline void softmax_grad_row(T* l, T lse, int64_t y, T g) {
+  exp_affine(l, -lse, T(1), l, kVocab);
+  for (int64_t k = 0; k < kVocab; ++k) l[k] *= g;
+  l[y] -= g;
+}
+
+// With head_grad (training under a mean or sum reduction, whose upstream gradient is one scalar s), the
+// forward also takes the head's backward while its logits tile is on chip: dh_head = (softmax - onehot)·W_head
+// [M, P, h], dw_head = Σ (softmax - onehot)ᵀ h [256, h] and db_head [256], each to be scaled by s. The
+// backward then skips recomputing the logits (one M·P×256×h GEMM fewer).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_fwd_cpu(
+    const Tensor& context, const Tensor& targets, const Tensor& byte_emb, const Tensor& weight_ih,
+    const Tensor& weight_hh, const Tensor& bias_ih, const Tensor& bias_hh, const Tensor& head_weight,
+    const Tensor& head_bias, int64_t sos, bool save, bool head_grad) {
   check_common(context, byte_emb, weight_ih, weight_hh);
   AGF_CHECK_DIM(targets, 2);
+  TORCH_CHECK(save || !head_grad, "gru_patch_loss_fwd: head_grad needs save");
   const auto a = acc_type(context.scalar_type());
   const Tensor ctx = acc(context, a), emb = acc(byte_emb, a), w_ih = acc(weight_ih, a), w_hh = acc(weight_hh, a),
                b_ih = acc(bias_ih, a), b_hh = acc(bias_hh, a), hw = acc(head_weight, a), hb = acc(head_bias, a);
@@ -659,6 +671,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> loss_fwd_cpu(const Tensor& context, c
   const auto opt = ctx.options();
   Tensor loss = at::empty({M, P}, opt), lse = at::empty({M, P}, opt);
   Tensor hid = at::empty({save ? M : 0, P, h}, opt), gates = at::empty({save ? M : 0, P, 4 * h}, opt);
+  Tensor dh_head = at::empty({head_grad ? M : 0, P, h}, opt);
+  const int64_t threads = head_grad ? at::get_num_threads() : 0;
+  Tensor dw_part = at::zeros({threads, kVocab, h}, opt), db_part = at::zeros({threads, kVocab}, opt);
   const Tensor table = byte_table(emb, w_ih, M * P);
   AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_loss_fwd", [&] {
     using T = scalar_t;
@@ -667,20 +682,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> loss_fwd_cpu(const Tensor& context, c
     const int64_t *b = bytes.data_ptr<int64_t>(), *yp = y.data_ptr<int64_t>();
     T *lp = loss.data_ptr<T>(), *sp = lse.data_ptr<T>();
     for_each_tile(M, [&](int64_t r0, int64_t rows) {
-      Scratch<T> local(save ? 0 : rows * P * h), logits(rows * P * kVocab), e(kVocab);
+      const int64_t n = rows * P;
+      Scratch<T> local(save ? 0 : n * h), logits(n * kVocab), e(kVocab);
       T* hp = save ? hid.data_ptr<T>() + r0 * P * h : local.data();
       forward_tile(W, c, b, P, r0, rows, hp, save ? gates.data_ptr<T>() + r0 * P * 4 * h : nullptr);
-      gemm(view(logits.data(), rows * P, kVocab, kVocab), view(hp, rows * P, h, h), view(hwp, kVocab, h, h).t(),
-           false);
-      for (int64_t q = 0; q < rows * P; ++q) {
+      const Tensor l_v = view(logits.data(), n, kVocab, kVocab), h_v = view(hp, n, h, h);
+      gemm(l_v, h_v, view(hwp, kVocab, h, h).t(), false);
+      for (int64_t q = 0; q < n; ++q) {
         T* l = logits.data() + q * kVocab;
         const T s = add_bias_lse(l, hbp, e.data());
         sp[r0 * P + q] = s;
         lp[r0 * P + q] = s - l[yp[r0 * P + q]];
+        if (head_grad) softmax_grad_row(l, s, yp[r0 * P + q], T(1));
       }
+      if (!head_grad) return;
+      const int64_t tid = at::get_thread_num();
+      gemm(view(dh_head.data_ptr<T>() + r0 * P * h, n, h, h), l_v, view(hwp, kVocab, h, h), false);
+      gemm(dw_part[tid], l_v.t(), h_v, true);
+      T* dbp = db_part[tid].data_ptr<T>();
+      for (int64_t q = 0; q < n; ++q)
+        for (int64_t k = 0; k < kVocab; ++k) dbp[k] += logits[q * kVocab + k];
     });
   });
-  return {loss, lse, hid, gates};
+  if (!head_grad) return {loss, lse, hid, gates, dh_head, at::empty({0}, opt), at::empty({0}, opt)};
+  return {loss, lse, hid, gates, dh_head, dw_part.sum(0), db_part.sum(0)};
 }
 
 std::vector<Tensor> loss_bwd_cpu(const Tensor& grad_loss, const Tensor& context, const Tensor& targets,
@@ -719,11 +744,8 @@ std::vector<Tensor> loss_bwd_cpu(const Tensor& grad_loss, const Tensor& context,
       T* dhbp = dhb[tid].data_ptr<T>();
       for (int64_t q = 0; q < n; ++q) {
         T* l = dl.data() + q * kVocab;
-        const T gq = glp[r0 * P + q];
         for (int64_t k = 0; k < kVocab; ++k) l[k] += hbp[k];
-        exp_affine(l, -sp[r0 * P + q], T(1), l, kVocab);
-        for (int64_t k = 0; k < kVocab; ++k) l[k] *= gq;
-        l[yp[r0 * P + q]] -= gq;
+        softmax_grad_row(l, sp[r0 * P + q], yp[r0 * P + q], glp[r0 * P + q]);
         for (int64_t k = 0; k < kVocab; ++k) dhbp[k] += l[k];
       }
       gemm(dhw[tid], dl_v.t(), h_v, true);
@@ -898,8 +920,8 @@ TORCH_LIBRARY_FRAGMENT(agiformer_kernels, m) {
       "Tensor, Tensor)");
   m.def(
       "gru_patch_loss_fwd(Tensor context, Tensor targets, Tensor byte_emb, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor bias_ih, Tensor bias_hh, Tensor head_weight, Tensor head_bias, int sos, bool save) -> "
-      "(Tensor loss, Tensor lse, Tensor hidden, Tensor gates)");
+      "Tensor bias_ih, Tensor bias_hh, Tensor head_weight, Tensor head_bias, int sos, bool save, bool head_grad) "
+      "-> (Tensor loss, Tensor lse, Tensor hidden, Tensor gates, Tensor dh_head, Tensor dw_head, Tensor db_head)");
   m.def(
       "gru_patch_loss_bwd(Tensor grad_loss, Tensor context, Tensor targets, Tensor byte_emb, Tensor weight_ih, "
       "Tensor weight_hh, Tensor head_weight, Tensor head_bias, Tensor hidden, Tensor gates, Tensor lse, int sos) "

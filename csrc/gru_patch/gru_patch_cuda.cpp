@@ -161,12 +161,14 @@ agf_gru::CeParams ce_params(const Tensor& hid, const Tensor& head_w, const Tenso
   return p;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> loss_fwd_cuda(const Tensor& context, const Tensor& targets,
-                                                         const Tensor& byte_emb, const Tensor& weight_ih,
-                                                         const Tensor& weight_hh, const Tensor& bias_ih,
-                                                         const Tensor& bias_hh, const Tensor& head_weight,
-                                                         const Tensor& head_bias, int64_t sos, bool save) {
+// head_grad (the CPU kernel's head backward taken in the forward) is not implemented here: the caller
+// passes false on CUDA, and the backward recomputes the logits tile by tile.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_fwd_cuda(
+    const Tensor& context, const Tensor& targets, const Tensor& byte_emb, const Tensor& weight_ih,
+    const Tensor& weight_hh, const Tensor& bias_ih, const Tensor& bias_hh, const Tensor& head_weight,
+    const Tensor& head_bias, int64_t sos, bool save, bool head_grad) {
   check_inputs(context, byte_emb, weight_ih, weight_hh);
+  TORCH_CHECK(!head_grad, "gru_patch_loss_fwd: head_grad is a CPU-only option");
   const c10::cuda::CUDAGuard guard(context.device());
   const auto a = acc_of(context.scalar_type());
   const int64_t M = context.size(0), P = targets.size(1), h = context.size(1);
@@ -181,7 +183,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> loss_fwd_cuda(const Tensor& context, 
   agf_gru::CeParams p = ce_params(hid, hw, ht, hb, y, lse);
   p.loss = loss.data_ptr();
   check_cuda(agf_gru::ce_fwd(p, dtype_of(context.scalar_type()), stream()), "ce_fwd_kernel");
-  return {loss, lse, save ? hid : at::empty({0, P, h}, opt), gates};
+  return {loss, lse, save ? hid : at::empty({0, P, h}, opt), gates, at::empty({0, P, h}, opt), at::empty({0}, opt),
+          at::empty({0}, opt)};
 }
 
 std::vector<Tensor> loss_bwd_cuda(const Tensor& grad_loss, const Tensor& context, const Tensor& targets,

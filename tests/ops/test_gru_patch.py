@@ -477,7 +477,11 @@ def test_cpu_opcheck():
     for dtype in (torch.float32, torch.bfloat16):
         x, b = make_inputs(5, 3, 16, dtype, requires_grad=True)
         torch.library.opcheck(ops.gru_patch_decode_fwd.default, (*decode_args(x, b), True))
-        torch.library.opcheck(ops.gru_patch_loss_fwd.default, (*loss_args(x, b), 3, True))
+        for head_grad in (True, False):
+            torch.library.opcheck(ops.gru_patch_loss_fwd.default, (*loss_args(x, b), 3, True, head_grad))
+        # without save nothing is kept for a backward: only the schema and the fake kernel apply
+        torch.library.opcheck(ops.gru_patch_loss_fwd.default, (*loss_args(x, b), 3, False, False),
+                              test_utils=("test_schema", "test_faketensor"))
     x, b = make_inputs(5, 3, 16, torch.float32)
     seed = R.draw_seed(torch.Generator().manual_seed(0), torch.device("cpu"))
     torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed))

@@ -3,12 +3,16 @@
 ``gru_patch_decode_fwd`` returns (hidden, gates, hidden_acc): gates ``[M, P, 4h]`` = r, z, n and
 W_hn·h + b_hn of every step in the accumulation dtype, and hidden_acc the fp32 hidden states of an
 fp16/bf16 call (empty otherwise), both only when ``save`` (a backward will follow).
-``gru_patch_loss_fwd`` returns (loss ``[M, P]``, lse ``[M, P]``, hidden, gates) in the accumulation
-dtype; its backward recomputes each tile's logits from the saved log-sum-exp.
+``gru_patch_loss_fwd`` returns (loss ``[M, P]``, lse ``[M, P]``, hidden, gates, dh_head, dw_head, db_head) in
+the accumulation dtype; with ``head_grad`` (CPU, mean/sum reductions) the last three are the head's backward
+taken in the forward, to be scaled by the scalar upstream gradient; otherwise they are empty and the
+backward recomputes each tile's logits from the saved log-sum-exp.
 ``gru_patch_sample`` takes the seed words drawn from the generator (``reference.draw_seed``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -43,12 +47,12 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake("agiformer_kernels::gru_patch_loss_fwd")
     def _loss_fwd_fake(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
-                       sos, save):
+                       sos, save, head_grad):
         (M, h), P = context.shape, targets.shape[1]
-        a = acc_dtype(context.dtype)
+        new = functools.partial(context.new_empty, dtype=acc_dtype(context.dtype))
         kept = M if save else 0
-        return (context.new_empty(M, P, dtype=a), context.new_empty(M, P, dtype=a),
-                context.new_empty(kept, P, h, dtype=a), context.new_empty(kept, P, 4 * h, dtype=a))
+        head = (new(M, P, h), new(VOCAB, h), new(VOCAB)) if head_grad else (new(0, P, h), new(0), new(0))
+        return (new(M, P), new(M, P), new(kept, P, h), new(kept, P, 4 * h), *head)
 
     @torch.library.register_fake("agiformer_kernels::gru_patch_loss_bwd")
     def _loss_bwd_fake(grad_loss, context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden,
@@ -82,20 +86,31 @@ def _register_python_side() -> None:
                                     setup_context=decode_setup)
 
     def loss_setup(ctx, inputs, output):
-        context, targets, byte_emb, weight_ih, weight_hh, _, _, head_weight, head_bias, sos, _ = inputs
-        _, lse, hidden, gates = output
-        ctx.mark_non_differentiable(lse, hidden, gates)
+        context, targets, byte_emb, weight_ih, weight_hh, _, _, head_weight, head_bias, sos, _, head_grad = inputs
+        _, lse, hidden, gates, dh_head, dw_head, db_head = output
+        ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
-        ctx.sos = sos
+        ctx.sos, ctx.head_grad = sos, head_grad
         ctx.save_for_backward(context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates,
-                              lse)
+                              lse, dh_head, dw_head, db_head)
 
-    def loss_backward(ctx, grad_loss, _lse, _hidden, _gates):
+    def loss_backward(ctx, grad_loss, *_):
         if grad_loss is None:
-            return (None,) * 11
-        grads = _ops.gru_patch_loss_bwd(grad_loss, *ctx.saved_tensors, ctx.sos)
+            return (None,) * 12
+        (context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates, lse, dh_head,
+         dw_head, db_head) = ctx.saved_tensors
+        if ctx.head_grad and grad_loss.numel() > 0 and grad_loss.stride() == (0, 0):
+            # a mean or sum: one scalar s scales the head gradient the forward already took
+            s = grad_loss[0, 0].to(dh_head.dtype)
+            prev = torch.cat([torch.full_like(targets[:, :1], ctx.sos), targets[:, :-1]], 1)
+            grads = [*_ops.gru_patch_decode_bwd(dh_head * s, context, prev, byte_emb, weight_ih, weight_hh, hidden,
+                                                gates), (dw_head * s).to(head_weight.dtype),
+                     (db_head * s).to(head_bias.dtype)]
+        else:
+            grads = _ops.gru_patch_loss_bwd(grad_loss, context, targets, byte_emb, weight_ih, weight_hh, head_weight,
+                                            head_bias, hidden, gates, lse, ctx.sos)
         dctx, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb = _needed(ctx, grads, (0, 2, 3, 4, 5, 6, 7, 8))
-        return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb, None, None
+        return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb, None, None, None
 
     torch.library.register_autograd("agiformer_kernels::gru_patch_loss_fwd", loss_backward, setup_context=loss_setup)
 
@@ -127,8 +142,10 @@ def loss_cpp(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh,
              reduction):
     _register_python_side()
     save = _wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
-    loss, _, _, _ = _ops.gru_patch_loss_fwd(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh,
-                                            head_weight, head_bias, sos, save)
+    # CPU, mean/sum: the forward also takes the head's backward (its upstream gradient is one scalar)
+    head_grad = save and reduction != "none" and context.device.type == "cpu"
+    loss = _ops.gru_patch_loss_fwd(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight,
+                                   head_bias, sos, save, head_grad)[0]
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
