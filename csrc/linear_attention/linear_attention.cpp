@@ -473,7 +473,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
   });
 }
 
-Params make_params(const std::string& feature_map, double feature_eps, double scale, double eps, bool normalize) {
+Params make_params(c10::string_view feature_map, double feature_eps, double scale, double eps, bool normalize) {
   TORCH_CHECK(feature_map == "elu+1" || feature_map == "identity",
               "feature_map must be 'elu+1' or 'identity', got ", feature_map);
   return {feature_map == "elu+1", feature_eps, scale, eps, normalize};
@@ -528,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t n_seq = sequences(q, cu_seqlens);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3), Dv = v.size(3);
   check_state(S0, z0, n_seq, q, Dv);
-  const Params p = make_params(std::string(feature_map), feature_eps, scale, eps, normalize);
+  const Params p = make_params(feature_map, feature_eps, scale, eps, normalize);
   const auto sdt = q.options().dtype(state_dtype(q));
   const int64_t rows = chunk_rows(B, L, n_seq, cu_seqlens.has_value());
   at::Tensor o = at::empty({B, L, H, Dv}, q.options());
@@ -582,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
     AGF_CHECK_CONTIGUOUS(*dz);
     TORCH_CHECK(dz->sizes() == at::IntArrayRef({n_seq, H, D}), "dz must be (N, H, D)");
   }
-  const Params p = make_params(std::string(feature_map), feature_eps, scale, eps, normalize);
+  const Params p = make_params(feature_map, feature_eps, scale, eps, normalize);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -624,17 +624,54 @@ void step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t j = 0; j < Dv; ++j) vv[j] = static_cast<T>(vr[j]);
       T* Si = Sp + i * D * Dv;
       T* zi = zp + i * D;
-      std::fill(num.begin(), num.end(), T(0));
+      // S and z are the caller's (unpadded): whole vectors, then a scalar tail. For S, columns go in
+      // blocks of 4 vectors whose num accumulators stay in registers over d; S is read and written once.
+      constexpr int64_t W = Vec<T>::W;
+      vec_t<T> zacc = {};
+      int64_t d0 = 0;
+      for (; d0 + W <= D; d0 += W) {
+        const vec_t<T> zn = vload(zi + d0) + vload(&kh[d0]);
+        vstore(zi + d0, zn);
+        zacc += vload(&qh[d0]) * zn;
+      }
       T den = eps;
-      for (int64_t d = 0; d < D; ++d) {
-        T* row = Si + d * Dv;
-        const T kd = kh[d], qd = qh[d];
-        for (int64_t j = 0; j < Dv; ++j) {
-          row[j] += kd * vv[j];
-          num[j] += qd * row[j];
+      for (int i_ = 0; i_ < W; ++i_) den += zacc[i_];
+      for (; d0 < D; ++d0) {
+        zi[d0] += kh[d0];
+        den += qh[d0] * zi[d0];
+      }
+      int64_t j = 0;
+      for (; j + 4 * W <= Dv; j += 4 * W) {
+        vec_t<T> acc[4] = {}, vj[4];
+        for (int u = 0; u < 4; ++u) vj[u] = vload(&vv[j + u * W]);
+        for (int64_t d = 0; d < D; ++d) {
+          T* row = Si + d * Dv + j;
+          for (int u = 0; u < 4; ++u) {
+            const vec_t<T> r = vload(row + u * W) + kh[d] * vj[u];
+            vstore(row + u * W, r);
+            acc[u] += qh[d] * r;
+          }
         }
-        zi[d] += kd;
-        den += qd * zi[d];
+        for (int u = 0; u < 4; ++u) vstore(&num[j + u * W], acc[u]);
+      }
+      for (; j + W <= Dv; j += W) {
+        vec_t<T> acc = {};
+        const vec_t<T> vj = vload(&vv[j]);
+        for (int64_t d = 0; d < D; ++d) {
+          const vec_t<T> r = vload(Si + d * Dv + j) + kh[d] * vj;
+          vstore(Si + d * Dv + j, r);
+          acc += qh[d] * r;
+        }
+        vstore(&num[j], acc);
+      }
+      for (; j < Dv; ++j) {
+        T acc = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          T& r = Si[d * Dv + j];
+          r += kh[d] * vv[j];
+          acc += qh[d] * r;
+        }
+        num[j] = acc;
       }
       const T inv = p.normalize ? T(1) / den : T(1);
       scalar_t* out = op + i * Dv;
@@ -643,18 +680,19 @@ void step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   });
 }
 
-at::Tensor linear_attention_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& S,
+at::Tensor linear_attention_step_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, at::Tensor& S,
                                      at::Tensor& z, c10::string_view feature_map, double feature_eps, double scale,
                                      double eps, bool normalize) {
-  AGF_CHECK_DIM(q, 3);
-  AGF_CHECK_DIM(k, 3);
-  AGF_CHECK_DIM(v, 3);
+  AGF_CHECK_DIM(q_, 3);
+  AGF_CHECK_DIM(k_, 3);
+  AGF_CHECK_DIM(v_, 3);
+  auto last_contiguous = [](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contiguous(q_), k = last_contiguous(k_), v = last_contiguous(v_);
   TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape");
   TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1), "v must have q's B, H");
   for (const at::Tensor* t : {&q, &k, &v}) {
     AGF_CHECK_DEVICE(*t, at::kCPU);
     AGF_CHECK_DTYPE(*t, q.scalar_type());
-    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == 1, "q, k, v must have a contiguous last dimension");
   }
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Dv = v.size(2);
   const auto sdt = state_dtype(q);
@@ -664,7 +702,7 @@ at::Tensor linear_attention_step_cpu(const at::Tensor& q, const at::Tensor& k, c
   AGF_CHECK_CONTIGUOUS(z);
   TORCH_CHECK(S.sizes() == at::IntArrayRef({B, H, D, Dv}), "S must be (B, H, D, Dv)");
   TORCH_CHECK(z.sizes() == at::IntArrayRef({B, H, D}), "z must be (B, H, D)");
-  const Params p = make_params(std::string(feature_map), feature_eps, scale, eps, normalize);
+  const Params p = make_params(feature_map, feature_eps, scale, eps, normalize);
   at::Tensor o = at::empty({B, H, Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attention_step_cpu",
                                   [&] { step_kernel<scalar_t>(q, k, v, S, z, p, o); });

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ... import backends
-from ..common import check_float, check_index, check_same, check_shape
+from ..common import FLOAT_DTYPES, check_float, check_index, check_same, check_shape
 from . import cpp, reference, triton  # noqa: F401  (each registers its backends)
 from .reference import State, acc_dtype
 
@@ -141,27 +141,55 @@ def linear_attention_step(
     Returns:
         o [B, H, Dv] = q̂ᵀS / (q̂ᵀz + eps) in q's dtype (after the update). Inference only: no autograd.
     """
-    check_float("q", q, 3)
-    check_float("k", k, 3)
-    check_float("v", v, 3)
-    check_same(("q", "k", "v"), (q, k, v), "dtype")
-    check_same(("q", "k", "v"), (q, k, v), "device")
-    B, H, D = q.shape
-    check_shape("k", k, (B, H, D), "q's [B, H, D]")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must have shape [B, H, Dv] with q's B, H = {(B, H)}, got {tuple(v.shape)}")
-    _check_options(feature_map, eps)
-    state = _check_state("state", state, B, H, D, v.shape[2], acc_dtype(q.dtype), q.device)
-    kwargs = dict(
-        feature_map=feature_map,
-        feature_eps=float(feature_eps),
-        scale=float(1.0 / math.sqrt(D) if scale is None else scale),
-        eps=float(eps),
-        normalize=bool(normalize),
+    if not _step_inputs_ok(q, k, v, state):  # the full checks, for their error messages
+        check_float("q", q, 3)
+        check_float("k", k, 3)
+        check_float("v", v, 3)
+        check_same(("q", "k", "v"), (q, k, v), "dtype")
+        check_same(("q", "k", "v"), (q, k, v), "device")
+        check_shape("k", k, q.shape, "q's [B, H, D]")
+        if v.shape[:2] != q.shape[:2]:
+            raise ValueError(f"v must have shape [B, H, Dv] with q's B, H = {tuple(q.shape[:2])}, got {tuple(v.shape)}")
+        _check_state("state", state, q.shape[0], q.shape[1], q.shape[2], v.shape[2], acc_dtype(q.dtype), q.device)
+    if not (feature_map == "elu+1" or feature_map == "identity") or eps < 0:
+        _check_options(feature_map, eps)
+    # Called once per generated token: keyword arguments spelled out, no dict to build and unpack.
+    scale = float(q.shape[2] ** -0.5 if scale is None else scale)
+    feature_eps, eps, normalize = float(feature_eps), float(eps), bool(normalize)
+    fn = backends.select(
+        "linear_attention_step", backend, q.device, q, k, v, state,
+        feature_map=feature_map, feature_eps=feature_eps, scale=scale, eps=eps, normalize=normalize,
     )
-    with torch.no_grad():
-        fn = backends.select("linear_attention_step", backend, q.device, q, k, v, state, **kwargs)
-        return fn(q, k, v, state, **kwargs)
+    if torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or state[0].requires_grad or state[1].requires_grad
+    ):
+        with torch.no_grad():
+            return fn(q, k, v, state, feature_map=feature_map, feature_eps=feature_eps, scale=scale, eps=eps,
+                      normalize=normalize)
+    return fn(q, k, v, state, feature_map=feature_map, feature_eps=feature_eps, scale=scale, eps=eps,
+              normalize=normalize)
+
+
+def _step_inputs_ok(q, k, v, state) -> bool:
+    """One cheap test of everything linear_attention_step checks: a decode loop calls it per token."""
+    if type(state) not in (tuple, list) or len(state) != 2:
+        return False
+    S, z = state
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T) and isinstance(S, T) and isinstance(z, T)):
+        return False
+    shape = q.shape
+    if len(shape) != 3 or k.shape != shape or v.dim() != 3 or v.shape[:2] != shape[:2]:
+        return False
+    dtype = q.dtype
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if not (k.dtype == dtype and v.dtype == dtype and dtype in FLOAT_DTYPES and S.dtype == state_dtype
+            and z.dtype == state_dtype):
+        return False
+    if S.shape != (*shape, v.shape[2]) or z.shape != shape:
+        return False
+    device = q.device
+    return k.device == device and v.device == device and S.device == device and z.device == device
 
 
 __all__ = ["linear_attention", "linear_attention_step"]

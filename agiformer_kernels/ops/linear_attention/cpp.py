@@ -151,9 +151,9 @@ def linear_attention_step_cpp(
     eps: float,
     normalize: bool,
 ) -> torch.Tensor:
-    S, z = state
+    # Called once per generated token: the op itself makes a non-unit-stride head dim contiguous.
     return torch.ops.agiformer_kernels.linear_attention_step(
-        _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), S, z, feature_map, feature_eps, scale, eps, normalize
+        q, k, v, state[0], state[1], feature_map, feature_eps, scale, eps, normalize
     )
 
 
