@@ -165,32 +165,30 @@ inline vec_t<double> vexp_nonpositive(vec_t<double> x) {
 }
 
 // row[0 .. n) = mul·φ(row) (elu+1: x + 1 + feature_eps for x > 0, exp(x) + feature_eps else), then
-// the pad row[valid .. n) back to zero.
+// the pad row[valid .. n) back to zero. With `deriv`, also deriv[0 .. n) = mul·φ'(row) (elu+1: 1 for
+// x > 0, exp(x) else), for the backward, from the same exp.
 template <typename T>
-inline void apply_feature(T* row, int64_t n, int64_t valid, bool elu, T feps, T mul) {
+inline void apply_feature(T* row, int64_t n, int64_t valid, bool elu, T feps, T mul, T* deriv = nullptr) {
   constexpr int W = Vec<T>::W;
   const vec_t<T> zero = {};
   for (int64_t d = 0; d < n; d += W) {
     vec_t<T> x = vload(row + d);
-    if (elu) x = x > zero ? x + (T(1) + feps) : vexp_nonpositive(x) + feps;
+    vec_t<T> f = zero + mul;
+    if (elu) {
+      const vec_t<T> e = vexp_nonpositive(x);
+      const auto positive = x > zero;
+      f = positive ? f : mul * e;
+      x = positive ? x + (T(1) + feps) : e + feps;
+    }
     vstore(row + d, mul * x);
+    if (deriv) vstore(deriv + d, f);
   }
   std::fill(row + valid, row + n, T(0));
 }
 
-// g[0 .. n) *= mul·φ'(x): 1 for x > 0, exp(x) else (elu+1); 1 (identity).
 template <typename T>
-inline void apply_feature_grad(T* g, const T* x, int64_t n, bool elu, T mul) {
-  constexpr int W = Vec<T>::W;
-  const vec_t<T> zero = {};
-  for (int64_t d = 0; d < n; d += W) {
-    vec_t<T> f = zero + mul;
-    if (elu) {
-      const vec_t<T> xv = vload(x + d);
-      f = xv > zero ? f : f * vexp_nonpositive(xv);
-    }
-    vstore(g + d, vload(g + d) * f);
-  }
+inline void vmul(const T* a, T* y, int64_t n) {
+  for (int64_t d = 0; d < n; d += Vec<T>::W) vstore(y + d, vload(y + d) * vload(a + d));
 }
 
 template <typename T>
@@ -267,36 +265,40 @@ struct Rows {
   scalar_t* row(const Item& it, int64_t t) const { return ptr + it.b * sb + (it.start + t) * sl + it.h * sh; }
 };
 
-// dst[j·ldd + i] = src[i·lds + j] for i < rows, j < cols.
+// dst[j·ldd + i] = src[i·lds + j] for i < rows, j < cols. Walks dst in order: src is always a small
+// thread-local block, dst may be the saved chunk states in memory, where scattered stores are slow.
 template <typename T>
 inline void transpose(const T* __restrict__ src, int64_t lds, T* __restrict__ dst, int64_t ldd, int64_t rows,
                       int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
-// One chunk's q̂, k̂ [C × Dp] and v [C × Dvp] (row-major), k̂ᵀ [Dp × C] and, for the backward,
-// vᵀ [Dvp × C]. Column pads stay zero; rows past a short last chunk are never read (k = n).
+// One chunk's q̂, k̂ [C × Dp] and v [C × Dvp] (row-major), k̂ᵀ [Dp × C] and, for the backward, vᵀ
+// [Dvp × C] and the feature map's derivatives dq̂/dq, dk̂/dk [C × Dp]. Column pads stay zero; rows past
+// a short last chunk are never read (k = n).
 template <typename scalar_t, typename T>
 struct Chunk {
   int64_t D, Dv, Dp, Dvp;
-  std::vector<T> q, k, kt, v, vt;
-  Chunk(int64_t D_, int64_t Dv_)
-      : D(D_), Dv(Dv_), Dp(round_up(D_, Vec<T>::W)), Dvp(round_up(Dv_, Vec<T>::W)),
-        q(kChunk * Dp), k(kChunk * Dp), kt(Dp * kChunk), v(kChunk * Dvp), vt(Dvp * kChunk) {}
+  bool backward;
+  std::vector<T> q, k, kt, v, vt, dq, dk;
+  Chunk(int64_t D_, int64_t Dv_, bool backward_)
+      : D(D_), Dv(Dv_), Dp(round_up(D_, Vec<T>::W)), Dvp(round_up(Dv_, Vec<T>::W)), backward(backward_),
+        q(kChunk * Dp), k(kChunk * Dp), kt(Dp * kChunk), v(kChunk * Dvp), vt(backward ? Dvp * kChunk : 0),
+        dq(backward ? kChunk * Dp : 0), dk(backward ? kChunk * Dp : 0) {}
 
   void load(const Rows<scalar_t>& Q, const Rows<scalar_t>& K, const Rows<scalar_t>& V, const Item& it, int64_t t0,
-            int64_t n, const Params& p, bool with_vt) {
+            int64_t n, const Params& p) {
     const T feps = static_cast<T>(p.feature_eps), scale = static_cast<T>(p.scale);
     for (int64_t t = 0; t < n; ++t) {
       to_acc(Q.row(it, t0 + t), &q[t * Dp], D);
-      apply_feature(&q[t * Dp], Dp, D, p.elu, feps, scale);
+      apply_feature(&q[t * Dp], Dp, D, p.elu, feps, scale, backward ? &dq[t * Dp] : nullptr);
       to_acc(K.row(it, t0 + t), &k[t * Dp], D);
-      apply_feature(&k[t * Dp], Dp, D, p.elu, feps, T(1));
+      apply_feature(&k[t * Dp], Dp, D, p.elu, feps, T(1), backward ? &dk[t * Dp] : nullptr);
       to_acc(V.row(it, t0 + t), &v[t * Dvp], Dv);
     }
     transpose(k.data(), Dp, kt.data(), kChunk, n, D);
-    if (with_vt) transpose(v.data(), Dvp, vt.data(), kChunk, n, Dv);
+    if (backward) transpose(v.data(), Dvp, vt.data(), kChunk, n, Dv);
   }
 };
 
@@ -335,7 +337,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const T eps = static_cast<T>(p.eps);
 
   at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
-    Chunk<scalar_t, T> ch(D, Dv);
+    Chunk<scalar_t, T> ch(D, Dv, false);
     const int64_t Dp = ch.Dp, Dvp = ch.Dvp;
     std::vector<T> A(C * C), num(C * Dvp), S(Dp * Dvp), z(Dp);
     for (int64_t i = begin; i < end; ++i) {
@@ -353,7 +355,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         transpose(S.data(), Dvp, cS_ptr + row * Dv * D, D, D, Dv);
         to_acc(z.data(), cz_ptr + row * D, D);
 
-        ch.load(Q, K, V, it, t0, n, p, false);
+        ch.load(Q, K, V, it, t0, n, p);
         gemm(Part::CausalOut, n, round_up(n, W), D, ch.q.data(), Dp, 1, ch.kt.data(), C, A.data(), C, false);
         mask_upper(A.data(), n);
         gemm(Part::Full, n, Dvp, D, ch.q.data(), Dp, 1, S.data(), Dvp, num.data(), Dvp, false);  // earlier chunks
@@ -396,21 +398,14 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
   const T* dz_in_ptr = dz_in ? dz_in->data_ptr<T>() : nullptr;
   T* dS_ptr = dS0.data_ptr<T>();
   T* dz_ptr = dz0.data_ptr<T>();
-  const T scale = static_cast<T>(p.scale);
 
   at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
-    Chunk<scalar_t, T> ch(D, Dv);
+    Chunk<scalar_t, T> ch(D, Dv, true);
     const int64_t Dp = ch.Dp, Dvp = ch.Dvp;
     // G = dnum = do/den [C × Dvp], g = dden = -(do·o)/den; A the scores, Bm their gradient [C × C];
-    // St, z the state before the chunk; dS [Dp × Dvp] and dSt = dSᵀ; raw one input row.
+    // St, z the state before the chunk; dS [Dp × Dvp] and dSt = dSᵀ; raw one row of o.
     std::vector<T> G(C * Dvp), g(C), A(C * C), Bm(C * C), gq(C * Dp), gk(C * Dp), gv(C * Dvp);
-    std::vector<T> St(Dvp * Dp), z(Dp), dS(Dp * Dvp), dSt(Dvp * Dp), dz(Dp), raw(std::max(Dp, Dvp));
-    // out = φ'(x)·mul·grad for one row of the input x.
-    auto store_input_grad = [&](T* grad, const scalar_t* x, scalar_t* out, T mul) {
-      to_acc(x, raw.data(), D);
-      apply_feature_grad(grad, raw.data(), Dp, p.elu, mul);
-      from_acc(grad, out, D);
-    };
+    std::vector<T> St(Dvp * Dp), z(Dp), dS(Dp * Dvp), dSt(Dvp * Dp), dz(Dp), raw(Dvp);
 
     for (int64_t i = begin; i < end; ++i) {
       const Item it = item_of(i, H, L, cu);
@@ -426,7 +421,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
         const int64_t row = (it.base + c) * H + it.h;
         for (int64_t j = 0; j < Dv; ++j) to_acc(cS_ptr + (row * Dv + j) * D, &St[j * Dp], D);
         to_acc(cz_ptr + row * D, z.data(), D);
-        ch.load(Q, K, V, it, t0, n, p, true);
+        ch.load(Q, K, V, it, t0, n, p);
         for (int64_t t = 0; t < n; ++t) {
           T* Gr = &G[t * Dvp];
           to_acc(dO.row(it, t0 + t), Gr, Dv);
@@ -457,9 +452,11 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
         gemm(Part::Full, n, Dvp, D, ch.k.data(), Dp, 1, dS.data(), Dvp, gv.data(), Dvp, true);  // k̂ dS
         for (int64_t t = 0; t < n; ++t) {
           if (p.normalize) vaxpy(g[t], z.data(), &gq[t * Dp], Dp);
-          store_input_grad(&gq[t * Dp], Q.row(it, t0 + t), dQ.row(it, t0 + t), scale);
+          vmul(&ch.dq[t * Dp], &gq[t * Dp], Dp);  // through q̂ = scale·φ(q)
+          from_acc(&gq[t * Dp], dQ.row(it, t0 + t), D);
           vaxpy(T(1), dz.data(), &gk[t * Dp], Dp);
-          store_input_grad(&gk[t * Dp], K.row(it, t0 + t), dK.row(it, t0 + t), T(1));
+          vmul(&ch.dk[t * Dp], &gk[t * Dp], Dp);
+          from_acc(&gk[t * Dp], dK.row(it, t0 + t), D);
           from_acc(&gv[t * Dvp], dV.row(it, t0 + t), Dv);
         }
         gemm(Part::Full, D, Dvp, n, ch.q.data(), 1, Dp, G.data(), Dvp, dS.data(), Dvp, true);  // dS += q̂ᵀ dnum
