@@ -275,12 +275,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="the issue's CPU targets for the GRU patch decoder")
     parser.add_argument("--device", default="cpu", choices=["cpu"])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     from benchmarks.run import commit, device_name, versions
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     rows = measure_targets(args.device, args.rounds)
-    out = args.out or Path(__file__).resolve().parent.parent / "results" / f"gru_patch-{args.device}-targets.json"
+    name = f"gru_patch-{args.device}-targets" + (f"-{args.threads}thread" if args.threads else "") + ".json"
+    out = args.out or Path(__file__).resolve().parent.parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"device": device_name(args.device), "versions": versions(), "commit": commit(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rounds": args.rounds,
