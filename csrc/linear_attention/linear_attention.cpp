@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -336,11 +337,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const T* z0_ptr = z0 ? z0->data_ptr<T>() : nullptr;
   const T eps = static_cast<T>(p.eps);
 
-  at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
+  // Items are handed out one at a time, not in static halves: a thread the OS preempts (the cores are
+  // shared) then holds up the call by at most one item while the others take over the rest.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n_seq * H, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Chunk<scalar_t, T> ch(D, Dv, false);
     const int64_t Dp = ch.Dp, Dvp = ch.Dvp;
     std::vector<T> A(C * C), num(C * Dvp), S(Dp * Dvp), z(Dp);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = next++; i < n_seq * H; i = next++) {
       const Item it = item_of(i, H, L, cu);
       std::fill(S.begin(), S.end(), T(0));
       std::fill(z.begin(), z.end(), T(0));
@@ -399,7 +403,8 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
   T* dS_ptr = dS0.data_ptr<T>();
   T* dz_ptr = dz0.data_ptr<T>();
 
-  at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};  // one item at a time, as in the forward
+  at::parallel_for(0, std::min<int64_t>(n_seq * H, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Chunk<scalar_t, T> ch(D, Dv, true);
     const int64_t Dp = ch.Dp, Dvp = ch.Dvp;
     // G = dnum = do/den [C × Dvp], g = dden = -(do·o)/den; A the scores, Bm their gradient [C × C];
@@ -407,7 +412,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
     std::vector<T> G(C * Dvp), g(C), A(C * C), Bm(C * C), gq(C * Dp), gk(C * Dp), gv(C * Dvp);
     std::vector<T> St(Dvp * Dp), z(Dp), dS(Dp * Dvp), dSt(Dvp * Dp), dz(Dp), raw(Dvp);
 
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = next++; i < n_seq * H; i = next++) {
       const Item it = item_of(i, H, L, cu);
       std::fill(dS.begin(), dS.end(), T(0));
       std::fill(dz.begin(), dz.end(), T(0));

@@ -37,6 +37,7 @@ CASES = [
     (2, 65, 2, 64, 64, False, False, "identity-unnormalized"),
     (1, 65, 2, 16, 24, True, True, "default"),
     (1, 130, 1, 8, 8, True, True, "scale0.5-eps1e-2"),
+    (1, 1000, 1, 16, 16, True, True, "default"),
 ]
 CASE_IDS = [
     shape_id(B, L, H, D, Dv=f"Dv{Dv}" if Dv != D else "", state="state" if s else "", packed="cu" if p else "")
