@@ -495,7 +495,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   for (const at::Tensor* t : {&q, &k, &v}) {
     AGF_CHECK_DEVICE(*t, at::kCPU);
     AGF_CHECK_DTYPE(*t, q.scalar_type());
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "q, k, v must have a contiguous last dimension");
+    TORCH_CHECK(t->numel() == 0 || t->size(3) <= 1 || t->stride(3) == 1,
+                "q, k, v must have a contiguous last dimension");
   }
 }
 
@@ -560,7 +561,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
   for (const at::Tensor* t : {&dout, &o}) {
     TORCH_CHECK(t->sizes() == v.sizes(), "do and o must have v's shape");
     AGF_CHECK_DTYPE(*t, q.scalar_type());
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "do and o must have a contiguous last dimension");
+    TORCH_CHECK(t->numel() == 0 || t->size(3) <= 1 || t->stride(3) == 1,
+                "do and o must have a contiguous last dimension");
   }
   if (normalize) {
     AGF_CHECK_DTYPE(den, sdt);

@@ -64,8 +64,8 @@ agf_la::Sequences sequences(const at::Tensor& q, const std::optional<at::Tensor>
   AGF_CHECK_INPUT(*cu_seqlens, at::kCUDA);
   TORCH_CHECK(B == 1, "cu_seqlens needs B = 1");
   const int64_t n = cu_seqlens->size(0) - 1;
-  const at::Tensor counts =
-      cu_seqlens->slice(0, 1).sub(cu_seqlens->slice(0, 0, n)).add(agf_la::kChunk - 1).floor_divide(agf_la::kChunk).to(at::kLong);
+  const at::Tensor lengths = cu_seqlens->slice(0, 1).sub(cu_seqlens->slice(0, 0, n));
+  const at::Tensor counts = lengths.add(agf_la::kChunk - 1).floor_divide(agf_la::kChunk).to(at::kLong);
   const int64_t n_chunks = counts.sum().item<int64_t>();
   const at::Tensor seg = at::repeat_interleave(at::arange(n, counts.options()), counts, 0, n_chunks);
   const at::Tensor first = counts.cumsum(0).sub(counts);

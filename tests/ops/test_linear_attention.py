@@ -250,6 +250,17 @@ def test_prefix_then_steps_equals_full_sequence(backend, dtype, normalize):
     assert_close("z", z, z_full, tol=TOLERANCE[z.dtype] * 10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequence_passes_the_state_through(backend):
+    q, k, v, (S0, z0) = make_inputs(2, 0, 2, 16, torch.float32, n_state=2)
+    q.requires_grad_()
+    o, (S, z) = linear_attention(q, k, v, initial_state=(S0, z0), output_final_state=True, backend=backend)
+    assert o.shape == (2, 0, 2, 16)
+    assert torch.equal(S, S0) and torch.equal(z, z0)
+    (o.sum() + S.sum()).backward()
+    assert q.grad.shape == q.shape
+
+
 def test_step_backends_agree_on_views():
     """q, k, v as slices of one fused projection (non-contiguous) and a non-contiguous-head state."""
     B, H, D = 3, 4, 64
@@ -340,18 +351,18 @@ def test_auto_picks_cpu_kernel_and_explicit_unavailable_backend_raises():
         (lambda a: a.update(q=a["q"].long()), TypeError, "q must be float16"),
         (lambda a: a.update(v=a["v"].double()), ValueError, "v has dtype"),
         (lambda a: a.update(feature_map="relu"), ValueError, "feature_map"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int64)), TypeError, "cu_seqlens must be int32"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0, 2, 5])), TypeError, "cu_seqlens must be int32"),
         (lambda a: a.update(cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)), ValueError, "cu_seqlens must run"),
         (lambda a: a.update(cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32)), ValueError, "non-decreasing"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([[0, 5]], dtype=torch.int32)), ValueError, "cu_seqlens must have 1"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([[0, 5]]).int()), ValueError, "cu_seqlens must have 1"),
         (lambda a: a.update(initial_state=torch.zeros(1)), TypeError, "initial_state must be a tuple"),
-        (lambda a: a.update(initial_state=(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8))), ValueError, r"initial_state\[0\]"),
+        (lambda a: a.update(initial_state=(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8))), ValueError, r"state\[0\]"),
         (
             lambda a: a.update(initial_state=(torch.zeros(1, 1, 8, 8, dtype=torch.float16), torch.zeros(1, 1, 8))),
             TypeError,
             r"initial_state\[0\] \(S\) must be torch.float32",
         ),
-        (lambda a: a.update(initial_state=(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 7))), ValueError, r"initial_state\[1\]"),
+        (lambda a: a.update(initial_state=(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 7))), ValueError, r"state\[1\]"),
         (lambda a: a.update(backend="tpu"), ValueError, "backend must be one of"),
     ],
     ids=[

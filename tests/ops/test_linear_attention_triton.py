@@ -109,8 +109,8 @@ def test_triton_fp16(case):
     # Only o was backpropagated here: compare with the reference's gradients, not the oracle's (which
     # include the final-state terms), under the same 2x rule against that reference's own error.
     lp_close("o", o, o_ref, r_o)
-    r64 = run("reference", q.double(), k.double(), v.double(), None if init is None else tuple(t.double() for t in init),
-              case[6], opts, requires_grad=True)
+    init64 = None if init is None else tuple(t.double() for t in init)
+    r64 = run("reference", q.double(), k.double(), v.double(), init64, case[6], opts, requires_grad=True)
     g64 = torch.autograd.grad(r64[0], r64[2][:3], grads_out[0])
     for name, g, r, g_ref in zip(["dq", "dk", "dv"], grads, r_grads, g64):
         lp_close(name, g, g_ref, r)
@@ -153,7 +153,8 @@ def test_triton_prefix_then_steps_equals_full_sequence(normalize):
     )
     outs = [o]
     for t in range(prefix, L):
-        outs.append(linear_attention_step(q[:, t], k[:, t], v[:, t], state, normalize=normalize, backend="triton")[:, None])
+        o_t = linear_attention_step(q[:, t], k[:, t], v[:, t], state, normalize=normalize, backend="triton")
+        outs.append(o_t[:, None])
     close("o", torch.cat(outs, dim=1), full)
 
 

@@ -48,7 +48,8 @@ def linear_attention_naive(
     output_final_state: bool,
     cu_seqlens: Optional[torch.Tensor],
 ):
-    """S_t = S_0 + Σ_{s≤t} k̂_s v_sᵀ, z_t = z_0 + Σ_{s≤t} k̂_s, o_t = q̂_tᵀS_t / (q̂_tᵀz_t + eps): one t at a time."""
+    """S_t = S_0 + Σ_{s≤t} k̂_s v_sᵀ, z_t = z_0 + Σ_{s≤t} k̂_s, o_t = q̂_tᵀS_t / (q̂_tᵀz_t + eps), one t at a
+    time."""
     B, L, H, D = q.shape
     Dv = v.shape[-1]
     qh = feature(q, feature_map, feature_eps) * scale
