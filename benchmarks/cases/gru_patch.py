@@ -5,7 +5,9 @@
   over the [M, P, 256] logits ("v1-nn.GRU").
 - ``gru_patch_decode``: the plain path returning hidden states, against the same nn.GRU without the head.
 - ``gru_patch_sample`` (inference): one call per patch against v1's per-byte loop (embedding, concat,
-  nn.GRU step, Linear, argmax or softmax + multinomial: ~5 ops per byte, "v1-loop").
+  nn.GRU step, Linear, argmax or softmax + multinomial: ~5 ops per byte, "v1-loop"). ``gru_patch_sample_t1``
+  is the same at temperature 1, where v1 draws with torch.multinomial and we with the counter-based hash:
+  the bytes differ (err column ~1), only their distribution agrees (tests/ops/test_gru_patch.py).
 
 The v1 paths are ``alternative`` impls; they run on CPU too and are the CPU baselines. All impls of a case
 share one set of weights (an nn.GRU / nn.Embedding / nn.Linear whose parameters the inputs dict also holds).
