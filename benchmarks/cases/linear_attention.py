@@ -75,11 +75,15 @@ for _name in ("reference", "cpu", "triton", "cuda"):
 def fla_chunk(inputs):
     """flash-linear-attention's chunked kernel with its own normalizer; φ applied outside it in PyTorch,
     as a user of fla writes this op (fla keeps the prefix sum in the input dtype and divides in PyTorch)."""
+    import inspect
+
     from fla.ops.linear_attn import chunk_linear_attn
 
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     qh, kh = (F.elu(x) + (1.0 + FEATURE_EPS) for x in (q, k))
-    o = chunk_linear_attn(qh, kh, v, scale=q.shape[-1] ** -0.5, normalize=True)
+    # Older fla releases default to [B, H, T, D] (head_first=True); newer ones take only [B, T, H, D].
+    layout = {"head_first": False} if "head_first" in inspect.signature(chunk_linear_attn).parameters else {}
+    o = chunk_linear_attn(qh, kh, v, scale=q.shape[-1] ** -0.5, normalize=True, **layout)
     return o[0] if isinstance(o, tuple) else o
 
 
