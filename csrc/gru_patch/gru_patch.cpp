@@ -283,11 +283,29 @@ struct SampleParams {
 };
 
 // reference.choose_bytes for one row of logits (bias included); e is kVocab scratch.
+// First index of the maximum (torch.argmax's tie rule).
 template <typename T>
-inline int64_t choose_byte(const T* l, const SampleParams& sp, int64_t row, int64_t step, T* e) {
-  int64_t best = 0;
+inline int64_t argmax_row(const T* l) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 mv = _mm512_loadu_ps(l);
+    for (int64_t k = 16; k < kVocab; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(l + k));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    for (int64_t k = 0; k < kVocab; k += 16) {
+      const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + k), mx, _CMP_EQ_OQ);
+      if (hit) return k + __builtin_ctz(hit);
+    }
+  }
+#endif
+  int64_t best = 0;  // also the NaN case, where no lane compares equal
   for (int64_t k = 1; k < kVocab; ++k)
     if (l[k] > l[best]) best = k;
+  return best;
+}
+
+template <typename T>
+inline int64_t choose_byte(const T* l, const SampleParams& sp, int64_t row, int64_t step, T* e) {
+  const int64_t best = argmax_row(l);
   if (sp.temperature == 0) return best;
   T thr = -std::numeric_limits<T>::infinity();
   if (sp.top_k > 0 && sp.top_k < kVocab) {
@@ -331,26 +349,56 @@ inline __m512 hsum16(const __m512* a) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// The full 4×4 register tile, its 16 accumulators named: as an array (1 KiB) GCC keeps them on the stack
+// and stores all 16 every k-step.
+inline void dot_block_4x4(const float* const* x, const float* W, int64_t ldw, int64_t k, float* y, int64_t ldy) {
+  __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00,
+         a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  const float *w0 = W, *w1 = W + ldw, *w2 = W + 2 * ldw, *w3 = W + 3 * ldw;
+  for (int64_t kk = 0; kk < k; kk += 16) {
+    const __mmask16 m = tail16(k - kk);
+    const __m512 v0 = _mm512_maskz_loadu_ps(m, w0 + kk), v1 = _mm512_maskz_loadu_ps(m, w1 + kk),
+                 v2 = _mm512_maskz_loadu_ps(m, w2 + kk), v3 = _mm512_maskz_loadu_ps(m, w3 + kk);
+    __m512 xv = _mm512_maskz_loadu_ps(m, x0 + kk);
+    a00 = _mm512_fmadd_ps(v0, xv, a00), a01 = _mm512_fmadd_ps(v1, xv, a01);
+    a02 = _mm512_fmadd_ps(v2, xv, a02), a03 = _mm512_fmadd_ps(v3, xv, a03);
+    xv = _mm512_maskz_loadu_ps(m, x1 + kk);
+    a10 = _mm512_fmadd_ps(v0, xv, a10), a11 = _mm512_fmadd_ps(v1, xv, a11);
+    a12 = _mm512_fmadd_ps(v2, xv, a12), a13 = _mm512_fmadd_ps(v3, xv, a13);
+    xv = _mm512_maskz_loadu_ps(m, x2 + kk);
+    a20 = _mm512_fmadd_ps(v0, xv, a20), a21 = _mm512_fmadd_ps(v1, xv, a21);
+    a22 = _mm512_fmadd_ps(v2, xv, a22), a23 = _mm512_fmadd_ps(v3, xv, a23);
+    xv = _mm512_maskz_loadu_ps(m, x3 + kk);
+    a30 = _mm512_fmadd_ps(v0, xv, a30), a31 = _mm512_fmadd_ps(v1, xv, a31);
+    a32 = _mm512_fmadd_ps(v2, xv, a32), a33 = _mm512_fmadd_ps(v3, xv, a33);
+  }
+  const __m512 acc[16] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33};
+  const __m512 sums = hsum16(acc);  // lane i·4 + j = Σ a_ij
+  for (int i = 0; i < 4; ++i) _mm_storeu_ps(y + i * ldy, _mm512_extractf32x4_ps(sums, i));
+}
+#endif
+
 template <typename T, int JB, int IB>
 inline void dot_block(const T* const* x, const T* W, int64_t ldw, int64_t k, T* y, int64_t ldy) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    __m512 acc[IB][JB];
-    for (int i = 0; i < IB; ++i)
-      for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t kk = 0; kk < k; kk += 16) {
-      const __mmask16 m = tail16(k - kk);
-      __m512 w[JB];
-      for (int j = 0; j < JB; ++j) w[j] = _mm512_maskz_loadu_ps(m, W + j * ldw + kk);
-      for (int i = 0; i < IB; ++i) {
-        const __m512 xv = _mm512_maskz_loadu_ps(m, x[i] + kk);
-        for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
-      }
-    }
     if constexpr (IB == 4 && JB == 4) {
-      const __m512 sums = hsum16(&acc[0][0]);  // lane i·4 + j = Σ acc[i][j]
-      for (int i = 0; i < 4; ++i) _mm_storeu_ps(y + i * ldy, _mm512_extractf32x4_ps(sums, i));
-    } else {
+      dot_block_4x4(x, W, ldw, k, y, ldy);
+    } else {  // edge tiles: at most 9 accumulators
+      __m512 acc[IB][JB];
+      for (int i = 0; i < IB; ++i)
+        for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int64_t kk = 0; kk < k; kk += 16) {
+        const __mmask16 m = tail16(k - kk);
+        __m512 w[JB];
+        for (int j = 0; j < JB; ++j) w[j] = _mm512_maskz_loadu_ps(m, W + j * ldw + kk);
+        for (int i = 0; i < IB; ++i) {
+          const __m512 xv = _mm512_maskz_loadu_ps(m, x[i] + kk);
+          for (int j = 0; j < JB; ++j) acc[i][j] = _mm512_fmadd_ps(w[j], xv, acc[i][j]);
+        }
+      }
       for (int i = 0; i < IB; ++i)
         for (int j = 0; j < JB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
     }
