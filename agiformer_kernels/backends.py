@@ -93,24 +93,33 @@ def _warn_once(op: str, backend: str, reason: str, instead: str) -> None:
 
 
 def select(op: str, backend: str | None, device: torch.device, *args: Any, **kwargs: Any) -> Callable:
-    """The implementation of ``op`` that serves this call; args/kwargs are what it will be called with."""
+    """The implementation of ``op`` that serves this call; args/kwargs are what it will be called with.
+
+    Decode loops call this once per token, so the path that finds a backend does no more than look
+    it up and ask it; the error paths do the rest.
+    """
     impls = _registry[op]
-    name = _requested(backend)
+    name = backend or os.environ.get(ENV_VAR) or "auto"
+    device_type = device.type
     if name != "auto":
-        if name not in impls:
+        impl = impls.get(name)
+        if impl is None:
+            _requested(backend)  # an unknown name is a ValueError
             raise BackendError(f"{op} has no {name!r} backend (it has {sorted(impls)})")
-        reason = _unavailable(op, name, device.type) or impls[name].check(*args, **kwargs)
+        reason = _unavailable(op, name, device_type) or impl.check(*args, **kwargs)
         if reason is not None:
             raise BackendError(f"{op}: backend {name!r} cannot serve this call: {reason}")
-        return impls[name].fn
-    order = [b for b in AUTO_ORDER.get(device.type, ("reference",)) if b in impls]
+        return impl.fn
     skipped = []
-    for candidate in order:
-        reason = _unavailable(op, candidate, device.type) or impls[candidate].check(*args, **kwargs)
+    for candidate in AUTO_ORDER.get(device_type, ("reference",)):
+        impl = impls.get(candidate)
+        if impl is None:
+            continue
+        reason = _unavailable(op, candidate, device_type) or impl.check(*args, **kwargs)
         if reason is None:
             for b, why in skipped:
                 _warn_once(op, b, why, candidate)
-            return impls[candidate].fn
+            return impl.fn
         skipped.append((candidate, reason))
     raise BackendError(f"{op}: no backend can serve this call: {dict(skipped)}")
 

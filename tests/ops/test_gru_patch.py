@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import pytest
 import torch
@@ -15,10 +14,6 @@ import torch
 from agiformer_kernels import BackendError, gru_patch_decode, gru_patch_loss, gru_patch_sample
 from agiformer_kernels.ops.gru_patch import reference as R
 from tests.utils import assert_close, assert_low_precision_close
-
-# oneDNN picks AMX for CPU bf16 matmuls on this CPU, whose VM does not enable AMX state (SIGILL): cap
-# it before the first bf16 matmul (the reference's bf16 runs). Belongs in conftest; see the report.
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 CUDA = pytest.mark.gpu
 FLOAT_NAMES = ("context", "byte_emb", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "head_weight", "head_bias")

@@ -152,7 +152,7 @@ def linear_attention_step_cpp(
     normalize: bool,
 ) -> torch.Tensor:
     # Called once per generated token: the op itself makes a non-unit-stride head dim contiguous.
-    return torch.ops.agiformer_kernels.linear_attention_step(
+    return torch.ops.agiformer_kernels.linear_attention_step.default(
         q, k, v, state[0], state[1], feature_map, feature_eps, scale, eps, normalize
     )
 

@@ -91,7 +91,7 @@ def sliding_window_attention_step_cpp(q, k, v, k_cache, v_cache, pos, *, scale=N
         pos = pos.to(torch.int64)
     else:
         pos = torch.full((q.shape[0],), pos, dtype=torch.int64, device=q.device)
-    return torch.ops.agiformer_kernels.sliding_window_attention_step(q, k, v, k_cache, v_cache, pos, scale)
+    return torch.ops.agiformer_kernels.sliding_window_attention_step.default(q, k, v, k_cache, v_cache, pos, scale)
 
 
 def _check_cpu(q, k, v, window, *, scale=None, cu_seqlens=None) -> backends.Reason:
