@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (before torch: OpenMP and malloc settings)
+from . import _runtime  # noqa: F401  (before torch: malloc settings)
 
 import argparse
 import contextlib

@@ -10,7 +10,7 @@ decoder. A prompt must hold at least one whole patch (patch_size bytes, 4 by def
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (before torch: OpenMP and malloc settings)
+from . import _runtime  # noqa: F401  (before torch: malloc settings)
 
 import argparse
 import sys

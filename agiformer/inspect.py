@@ -13,7 +13,7 @@ Reports, averaged over the prompt's patches:
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (before torch: OpenMP and malloc settings)
+from . import _runtime  # noqa: F401  (before torch: malloc settings)
 
 import argparse
 import json

@@ -48,11 +48,16 @@ class ByteLatentEncoder(nn.Module):
         -> ``[B, L // patch_size, d_model]``."""
         B, L = x.shape
         P, N = self.patch_size, x.shape[1] // self.patch_size
-        # A kernel = stride convolution is one matrix product over each patch's P·d embedded bytes
-        # (conv1d would first transpose the embeddings and keep that copy for backward).
-        e = self.byte_embedding(x[:, : N * P]).reshape(B, N, -1)  # [B, N, P·d], byte-major
-        w = self.patch_conv.weight  # [d_out, d_in, P]
-        p = F.linear(e, w.permute(0, 2, 1).flatten(1), self.patch_conv.bias)
+        # A kernel = stride convolution is one matrix product over each patch's P·d embedded bytes.
+        # The weight [d_out, d_in, P] and the embeddings [B, N, P, d_in] disagree on the order of
+        # (P, d_in): reorder whichever is smaller (the weight in training, where conv1d would copy and
+        # keep the transposed embeddings; the embeddings of the one patch a generation step encodes).
+        e = self.byte_embedding(x[:, : N * P]).view(B, N, P, -1)
+        w = self.patch_conv.weight
+        if B * N <= w.shape[0]:
+            p = F.linear(e.transpose(-1, -2).flatten(-2), w.flatten(1), self.patch_conv.bias)
+        else:
+            p = F.linear(e.flatten(-2), w.permute(0, 2, 1).flatten(1), self.patch_conv.bias)
         positions = torch.arange(N, device=p.device)
         if isinstance(start, torch.Tensor):
             positions = start.unsqueeze(-1) + positions
