@@ -40,3 +40,20 @@ def test_runner_writes_rows(toy_registry, tmp_path):
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["baseline"] == "slow-alt"
         assert 0 < r["roofline"] < 1.5
     assert record["device_type"] == "cpu" and "torch" in record["versions"] and record["commit"]
+
+
+def test_rounds_keep_each_implementations_best(toy_registry, tmp_path):
+    out = tmp_path / "r.json"
+    run.main(["--quick", "--device", "cpu", "--min-run-time", "0.01", "--rounds", "3", "--impl", "reference",
+              "--impl", "slow-alt", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["reference", "slow-alt"]
+    assert all(r["rounds"] == 3 and r["status"] == "ok" for r in rows)
+
+
+def test_isolated_measurement_runs_in_a_child_process(tmp_path):
+    out = tmp_path / "r.json"
+    assert run.main(["--device", "cpu", "--op", "sliding_window_attention_step", "--case", "B1-", "--impl",
+                     "reference", "--min-run-time", "0.01", "--isolate", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["status"] == "ok" and r["fwd_ms"] > 0 for r in rows), rows

@@ -12,10 +12,8 @@
 The v1 paths are ``alternative`` impls; they run on CPU too and are the CPU baselines. All impls of a case
 share one set of weights (an nn.GRU / nn.Embedding / nn.Linear whose parameters the inputs dict also holds).
 
-Run as a script for the issue's CPU targets: ours and v1 timed in alternation, best of several rounds
-(robust on a shared machine), written to ``benchmarks/results/gru_patch-<device>-targets.json``:
-
-    python -m benchmarks.cases.gru_patch [--device cpu] [--rounds 15]
+The issue's CPU targets (training 3x, sampling 10x at M 1 and 16, 2x at M 512) are these quick cases:
+``python -m benchmarks.run --quick --op gru_patch_loss --op gru_patch_sample --op gru_patch_sample_t1 --rounds 5``.
 
 FLOPs count our formulation's useful work (2 per multiply-add): the byte table 256×3h×h (or the per-step
 byte projection when it is smaller), the context part M×3h×h, W_hh for the P - 1 steps after the first
@@ -23,12 +21,6 @@ byte projection when it is smaller), the context part M×3h×h, W_hh for the P -
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -206,97 +198,3 @@ for _M in (1, 16, 512):
 for _M in (8192, 65536):
     training_cases(_M, 4, 256, "cuda", torch.bfloat16)
     sampling_cases(_M, 4, 256, "cuda", torch.bfloat16)
-
-
-# ------------------------------------------------------------------ script: the issue's targets
-
-TARGETS = [  # (op, case name, ours, baseline, target speedup)
-    (LOSS_OP, "M512-P4-h256", "cpu", "v1-nn.GRU", 3.0),
-    (DECODE_OP, "M512-P4-h256", "cpu", "v1-nn.GRU", None),
-    (SAMPLE_OP, "M1-P4-h256-T0", "cpu", "v1-loop", 10.0),
-    (SAMPLE_OP + "_t1", "M1-P4-h256-T1", "cpu", "v1-loop", 10.0),
-    (SAMPLE_OP, "M16-P4-h256-T0", "cpu", "v1-loop", 10.0),
-    (SAMPLE_OP + "_t1", "M16-P4-h256-T1", "cpu", "v1-loop", 10.0),
-    (SAMPLE_OP, "M512-P4-h256-T0", "cpu", "v1-loop", 2.0),
-    (SAMPLE_OP + "_t1", "M512-P4-h256-T1", "cpu", "v1-loop", 2.0),
-]
-
-
-def _step(c, impl_, inputs):
-    """The timed closure: forward + backward for training cases, the forward under inference_mode otherwise."""
-    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not c.backward:
-        def fwd():
-            with torch.inference_mode():
-                impl_.run(inputs)
-        return fwd
-
-    def fwd_bwd():
-        out = impl_.run(inputs)
-        out.backward(torch.ones_like(out) if out.dim() else None)
-        for t in leaves:
-            t.grad = None
-    return fwd_bwd
-
-
-def measure_targets(device: str, rounds: int) -> list[dict]:
-    from benchmarks.registry import CASES, IMPLS
-
-    rows = []
-    for op, name, ours, base, target in TARGETS:
-        c = next(x for x in CASES if x.op == op and x.name == name and x.device == device)
-        impls = {i.name: i for i in IMPLS[op]}
-        steps = {n: _step(c, impls[n], c.make_inputs(device, c.dtype)) for n in (ours, base)}
-        calls = max(1, int(0.02 / _once(steps[base])))  # ~20 ms of calls per sample
-        best = {n: float("inf") for n in steps}
-        for _ in range(rounds):  # alternate, so both see the same machine load
-            for n, fn in steps.items():
-                fn()
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                best[n] = min(best[n], (time.perf_counter() - t0) / calls)
-        row = {"op": op, "case": name, "ours": ours, "baseline": base, "ours_ms": best[ours] * 1e3,
-               "baseline_ms": best[base] * 1e3, "speedup": best[base] / best[ours], "target": target,
-               "fwd_bwd": c.backward, "flops": c.flops * (3 if c.backward else 1)}
-        row["ours_gflops"] = row["flops"] / best[ours] / 1e9
-        rows.append(row)
-        print(f"{op:<22}{name:<18}{ours} {row['ours_ms']:8.3f} ms   {base} {row['baseline_ms']:8.3f} ms   "
-              f"{row['speedup']:5.2f}x" + (f" (target {target:g}x)" if target else ""), flush=True)
-    return rows
-
-
-def _once(fn) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    return max(time.perf_counter() - t0, 1e-6)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="the issue's CPU targets for the GRU patch decoder")
-    parser.add_argument("--device", default="cpu", choices=["cpu"])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    from benchmarks.run import commit, device_name, versions
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    rows = measure_targets(args.device, args.rounds)
-    name = f"gru_patch-{args.device}-targets" + (f"-{args.threads}thread" if args.threads else "") + ".json"
-    out = args.out or Path(__file__).resolve().parent.parent / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"device": device_name(args.device), "versions": versions(), "commit": commit(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rounds": args.rounds,
-              "method": "ours and the baseline alternate; best of rounds of ~20 ms of back-to-back calls",
-              "rows": rows}
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
