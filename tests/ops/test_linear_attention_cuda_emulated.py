@@ -1,104 +1,26 @@
 """The CUDA kernels of linear_attention (csrc/linear_attention/linear_attention.cu), run on the CPU.
 
-Without a GPU, nvcc only proves the kernels compile. Here the same source is compiled by g++ against a
-small emulation of the CUDA runtime: every thread of a block is a std::thread, __syncthreads is a
-std::barrier, each block's shared arrays are carved from a NaN-filled arena, `<<<...>>>` launches run the
-blocks one after another. That checks the kernels' indexing, tiling, masking, chunk-state bookkeeping
-and synchronization points against the float64 oracle; it says nothing about speed or warp timing.
-The real thing runs in the gpu-marked tests of test_linear_attention_triton.py.
+The source runs under the emulated CUDA runtime of tests/cuda_emulation.py (what that checks and what it
+cannot is said there): here the kernels' indexing, tiling, masking, chunk-state bookkeeping and
+synchronization points meet the float64 oracle. The real thing runs in the gpu-marked tests of
+test_linear_attention_triton.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from agiformer_kernels.ops.linear_attention.cpp import chunk_rows
 from agiformer_kernels.ops.linear_attention.reference import linear_attention_step_reference
+from tests.cuda_emulation import CSRC, for_gcc, load, ptr
 from tests.ops.test_linear_attention import TOLERANCE, _case, fp32_grad_tol, offsets_for, rel_rms, run, shape_id
 from tests.utils import assert_close, assert_low_precision_close
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCE = CSRC / "linear_attention" / "linear_attention.cu"
-
-CUDA_RUNTIME = r"""
-#pragma once
-#include <barrier>
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
-#include <thread>
-#include <vector>
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-typedef void* cudaStream_t;
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
-struct emu_index { unsigned x = 0, y = 0, z = 0; };
-inline thread_local emu_index threadIdx, blockIdx;
-inline thread_local dim3 blockDim, gridDim;
-inline thread_local std::barrier<>* emu_barrier = nullptr;
-inline thread_local char* emu_arena = nullptr;
-inline thread_local size_t emu_used = 0;
-inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
-// Shared arrays in declaration order: every thread of a block walks the same order, so gets the same address.
-inline void* emu_shared(size_t bytes) { void* p = emu_arena + emu_used; emu_used += (bytes + 15) / 16 * 16; return p; }
-template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
-template <class A, class B> inline auto max(A a, B b) { return a > b ? a : b; }
-inline float __expf(float x) { return std::exp(x); }
-using std::fmaf; using std::fminf;
-template <class K, class P>
-cudaError_t emu_launch(K kernel, dim3 grid, dim3 block, size_t, cudaStream_t, const P& params) {
-  const unsigned threads = block.x * block.y * block.z;
-  std::vector<float> arena(48 * 1024 / sizeof(float));
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::fill(arena.begin(), arena.end(), std::nanf(""));
-        std::barrier<> bar(threads);
-        std::vector<std::thread> pool;
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] {
-            threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; blockIdx.z = bz; blockDim = block; gridDim = grid;
-            emu_barrier = &bar; emu_arena = reinterpret_cast<char*>(arena.data()); emu_used = 0;
-            kernel(params);
-          });
-        for (auto& th : pool) th.join();
-      }
-  return cudaSuccess;
-}
-"""
-
-CUDA_FP16 = r"""
-#pragma once
-struct __half { _Float16 x; };
-inline float __half2float(__half h) { return (float)h.x; }
-inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
-"""
-
-CUDA_BF16 = r"""
-#pragma once
-#include <cstdint>
-#include <cstring>
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 b) {
-  uint32_t u = uint32_t(b.bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return {uint16_t(u >> 16)};
-}
-"""
 
 ENTRY_POINTS = r"""
 #include "kernels.cu"
@@ -136,42 +58,9 @@ int emu_step(int dt, void* q, void* k, void* v, float* S, float* z, void* o, int
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _for_gcc(source: str) -> str:
-    """The .cu source with launches and shared arrays spelled for the emulation."""
-    source = re.sub(r"(\w+<\w+>)<<<(.*?)>>>\(p\)", r"emu_launch(\1, \2, p)", source)
-    source = re.sub(
-        r"__shared__ float (\w+)((?:\[[^\]]+\])+);",
-        r"auto& \1 = *reinterpret_cast<float(*)\2>(emu_shared(sizeof(float\2)));",
-        source,
-    )
-    assert "<<<" not in source and "__shared__" not in source, "a launch or shared array the emulation misses"
-    return source
-
-
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not installed")
-    folder = tmp_path_factory.mktemp("cuda_emulation")
-    (folder / "include").mkdir()
-    (folder / "include" / "cuda_runtime.h").write_text(CUDA_RUNTIME)
-    (folder / "include" / "cuda_fp16.h").write_text(CUDA_FP16)
-    (folder / "include" / "cuda_bf16.h").write_text(CUDA_BF16)
-    (folder / "kernels.cu").write_text(_for_gcc(SOURCE.read_text()))
-    (folder / "entry.cpp").write_text(ENTRY_POINTS)
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
-           "-I", str(folder / "include"), "-I", str(CSRC / "common"), "-I", str(SOURCE.parent),
-           str(folder / "entry.cpp"), "-o", str(folder / "k.so")]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 and ("barrier" in done.stderr or "_Float16" in done.stderr):
-        pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {done.stderr[-300:]}")
-    assert done.returncode == 0, f"g++ failed on the emulated CUDA source:\n{done.stderr[-4000:]}"
-    return ctypes.CDLL(str(folder / "k.so"))
-
-
-def _p(t):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return load(tmp_path_factory, SOURCE, ENTRY_POINTS)
 
 
 def _nan(*shape, dtype=torch.float32):
@@ -207,17 +96,17 @@ def emulate(kernels, q, k, v, init, offsets, opts, grads_out):
     o = _nan(B, L, H, Dv, dtype=q.dtype)
     den, S, z = _nan(B, H, L), _nan(n, H, D, Dv), _nan(n, H, D)
     cS, cz = torch.zeros(rows, H, Dv, D), torch.zeros(rows, H, D)  # a packed batch leaves rows unused
-    assert kernels.emu_fwd(dt, _p(q), _p(k), _p(v), _p(o), _p(S0), _p(z0), _p(den), _p(S), _p(z), _p(cS), _p(cz),
-                           _p(cu), _p(table), n, n_chunks, B, L, H, D, Dv, elu, norm, feps, scale, eps) == 0
+    assert kernels.emu_fwd(dt, ptr(q), ptr(k), ptr(v), ptr(o), ptr(S0), ptr(z0), ptr(den), ptr(S), ptr(z), ptr(cS),
+                           ptr(cz), ptr(cu), ptr(table), n, n_chunks, B, L, H, D, Dv, elu, norm, feps, scale, eps) == 0
     go = grads_out[0].to(q.dtype).contiguous()
     dS, dz = grads_out[1].float().contiguous(), grads_out[2].float().contiguous()
     dq, dk = _nan(B, L, H, D, dtype=q.dtype), _nan(B, L, H, D, dtype=q.dtype)
     dv = _nan(B, L, H, Dv, dtype=q.dtype)
     cdS, cdz = torch.zeros_like(cS), torch.zeros_like(cz)
     dS0, dz0 = _nan(n, H, D, Dv), _nan(n, H, D)
-    assert kernels.emu_bwd(dt, _p(q), _p(k), _p(v), _p(o), _p(go), _p(dq), _p(dk), _p(dv), _p(den), _p(cS), _p(cz),
-                           _p(cdS), _p(cdz), _p(dS), _p(dz), _p(dS0), _p(dz0), _p(cu), _p(table), n, n_chunks, B, L,
-                           H, D, Dv, elu, norm, feps, scale) == 0
+    assert kernels.emu_bwd(dt, ptr(q), ptr(k), ptr(v), ptr(o), ptr(go), ptr(dq), ptr(dk), ptr(dv), ptr(den), ptr(cS),
+                           ptr(cz), ptr(cdS), ptr(cdz), ptr(dS), ptr(dz), ptr(dS0), ptr(dz0), ptr(cu), ptr(table), n,
+                           n_chunks, B, L, H, D, Dv, elu, norm, feps, scale) == 0
     return (o, S, z), (dq, dk, dv, dS0, dz0)
 
 
@@ -276,7 +165,7 @@ def test_cuda_step_emulated(kernels, normalize):
     S, z = torch.randn(B, H, D, Dv, generator=g), torch.rand(B, H, D, generator=g) * 50
     S_ref, z_ref = S.clone(), z.clone()
     o = _nan(B, H, Dv)
-    assert kernels.emu_step(0, _p(q), _p(k), _p(v), _p(S), _p(z), _p(o), B, H, D, Dv, 1, int(normalize),
+    assert kernels.emu_step(0, ptr(q), ptr(k), ptr(v), ptr(S), ptr(z), ptr(o), B, H, D, Dv, 1, int(normalize),
                             ctypes.c_float(1e-4), ctypes.c_float(D**-0.5), ctypes.c_float(1e-4)) == 0
     r = linear_attention_step_reference(q, k, v, (S_ref, z_ref), feature_map="elu+1", feature_eps=1e-4,
                                         scale=D**-0.5, eps=1e-4, normalize=normalize)
@@ -286,5 +175,5 @@ def test_cuda_step_emulated(kernels, normalize):
 
 
 def test_emulation_sees_every_launch():
-    text = _for_gcc(SOURCE.read_text())
+    text = for_gcc(SOURCE.read_text())
     assert text.count("emu_launch(") == 5  # 2 forward, 2 backward, 1 step

@@ -1,20 +1,14 @@
 """The CUDA kernels of sliding_window_attention (csrc/.../sliding_window_attention.cu), run on the CPU.
 
-Without a GPU, nvcc only proves the kernels compile. Here the same source is compiled by g++ against
-a small emulation of the CUDA runtime: every CUDA thread of a block is a std::thread, __syncthreads
-is a std::barrier, dynamic shared memory is a NaN-filled buffer per block, `<<<...>>>` launches run
-the blocks one after another. That checks the kernels' indexing, tiling, masking, online softmax and
-synchronization points against the float64 oracle; it says nothing about speed, warp-level timing or
-the real exp2f/log2f. The real thing runs in the gpu-marked tests of the other files.
+The source runs under the emulated CUDA runtime of tests/cuda_emulation.py (what that checks and what it
+cannot, the real exp2f/log2f among them, is said there): here the kernels' indexing, tiling, masking,
+online softmax and synchronization points meet the float64 oracle. The real thing runs in the
+gpu-marked tests of the other files.
 """
 
 from __future__ import annotations
 
 import ctypes
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,77 +17,11 @@ from agiformer_kernels.ops.sliding_window_attention.reference import (
     naive_sliding_window_attention_step,
     segment_bounds,
 )
+from tests.cuda_emulation import CSRC, for_gcc, load, ptr
 from tests.ops.test_sliding_window_attention import assert_grad_close, make_qkv, oracle, shape_id
 from tests.utils import assert_close, assert_low_precision_close
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCE = CSRC / "sliding_window_attention" / "sliding_window_attention.cu"
-
-CUDA_RUNTIME = r"""
-#pragma once
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <thread>
-#include <vector>
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-typedef void* cudaStream_t;
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-template <class K> cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) { return cudaSuccess; }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
-struct emu_index { unsigned x = 0, y = 0, z = 0; };
-inline thread_local emu_index threadIdx, blockIdx;
-inline thread_local dim3 blockDim;
-inline thread_local std::barrier<>* emu_barrier = nullptr;
-inline thread_local float* emu_smem = nullptr;
-inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
-template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
-template <class A, class B> inline auto max(A a, B b) { return a > b ? a : b; }
-using std::exp2f; using std::log2f; using std::fmaf; using std::fmaxf;
-template <class K, class P>
-cudaError_t emu_launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, P params) {
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::vector<float> shared(smem / sizeof(float) + 1, std::nanf(""));
-      std::barrier<> bar(block.x);
-      std::vector<std::thread> threads;
-      for (unsigned t = 0; t < block.x; ++t)
-        threads.emplace_back([&, t] {
-          threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; blockDim = block;
-          emu_barrier = &bar; emu_smem = shared.data();
-          kernel(params);
-        });
-      for (auto& th : threads) th.join();
-    }
-  return cudaSuccess;
-}
-"""
-
-CUDA_FP16 = r"""
-#pragma once
-struct __half { _Float16 x; };
-inline float __half2float(__half h) { return (float)h.x; }
-inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
-"""
-
-CUDA_BF16 = r"""
-#pragma once
-#include <cstdint>
-#include <cstring>
-struct __nv_bfloat16 { uint16_t bits; };
-inline float __bfloat162float(__nv_bfloat16 b) {
-  uint32_t u = uint32_t(b.bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return {uint16_t(u >> 16)};
-}
-"""
 
 ENTRY_POINTS = r"""
 #include "kernels.cu"
@@ -125,37 +53,9 @@ LOG2E = 1.4426950408889634
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _for_gcc(source: str) -> str:
-    """The .cu source with launches and dynamic shared memory spelled for the emulation."""
-    source = re.sub(r"(\w+<[\w, ]+>)<<<(.*?)>>>\(p\)", r"emu_launch(\1, \2, p)", source)
-    source = source.replace("extern __shared__ float smem[];", "float* smem = emu_smem;")
-    assert "<<<" not in source and "__shared__" not in source, "a launch or shared array the emulation misses"
-    return source
-
-
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not installed")
-    folder = tmp_path_factory.mktemp("cuda_emulation")
-    (folder / "include").mkdir()
-    (folder / "include" / "cuda_runtime.h").write_text(CUDA_RUNTIME)
-    (folder / "include" / "cuda_fp16.h").write_text(CUDA_FP16)
-    (folder / "include" / "cuda_bf16.h").write_text(CUDA_BF16)
-    (folder / "kernels.cu").write_text(_for_gcc(SOURCE.read_text()))
-    (folder / "entry.cpp").write_text(ENTRY_POINTS)
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-I", str(folder / "include"),
-           "-I", str(CSRC / "common"), "-I", str(SOURCE.parent), str(folder / "entry.cpp"), "-o", str(folder / "k.so")]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 and ("barrier" in done.stderr or "_Float16" in done.stderr):
-        pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {done.stderr[-300:]}")
-    assert done.returncode == 0, f"g++ failed on the emulated CUDA source:\n{done.stderr[-4000:]}"
-    return ctypes.CDLL(str(folder / "k.so"))
-
-
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr())
+    return load(tmp_path_factory, SOURCE, ENTRY_POINTS)
 
 
 def _nan(shape, dtype):
@@ -188,13 +88,13 @@ def test_cuda_kernels_emulated_match_oracle(kernels, dtype, B, L, H, D, window, 
     W = min(window, L)
     o, lse = _nan((B, L, H, D), dtype), _nan((B, H, L), torch.float32)
     code = DTYPE_CODE[dtype]
-    assert kernels.emu_fwd(code, _ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(lse), _ptr(seg_start), B, L, H, D, D, W,
+    assert kernels.emu_fwd(code, ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse), ptr(seg_start), B, L, H, D, D, W,
                            ctypes.c_float(scale * LOG2E)) == 0
     grad_o = grad.to(dtype)
     delta = (grad_o.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
     dq, dk, dv = (_nan((B, L, H, D), dtype) for _ in range(3))
-    assert kernels.emu_bwd(code, _ptr(grad_o), _ptr(q), _ptr(k), _ptr(v), _ptr(lse), _ptr(delta), _ptr(seg_start),
-                           _ptr(seg_end), _ptr(dq), _ptr(dk), _ptr(dv), B, L, H, D, D, W, ctypes.c_float(scale),
+    assert kernels.emu_bwd(code, ptr(grad_o), ptr(q), ptr(k), ptr(v), ptr(lse), ptr(delta), ptr(seg_start),
+                           ptr(seg_end), ptr(dq), ptr(dk), ptr(dv), B, L, H, D, D, W, ctypes.c_float(scale),
                            ctypes.c_float(scale * LOG2E)) == 0
     if dtype == torch.float32:
         assert_close("o", o, ref)
@@ -224,8 +124,13 @@ def test_cuda_step_emulated_matches_naive_step(kernels, dtype, W, D):
         pos = starts + t
         qt, kt, vt = (x[:, t].contiguous() for x in (q, k, v))
         o = _nan((B, H, D), dtype)
-        assert kernels.emu_step(DTYPE_CODE[dtype], _ptr(qt), _ptr(kt), _ptr(vt), _ptr(k_cache), _ptr(v_cache),
-                                _ptr(pos), _ptr(o), B, H, D, D, W, ctypes.c_float(D**-0.5 * LOG2E)) == 0
+        assert kernels.emu_step(DTYPE_CODE[dtype], ptr(qt), ptr(kt), ptr(vt), ptr(k_cache), ptr(v_cache),
+                                ptr(pos), ptr(o), B, H, D, D, W, ctypes.c_float(D**-0.5 * LOG2E)) == 0
         want = naive_sliding_window_attention_step(qt.double(), kt.double(), vt.double(), k_twin, v_twin, pos)
         assert_close(f"step {t}", o, want, tol=1e-6 if dtype == torch.float32 else 1e-2)
         assert torch.equal(k_cache.double(), k_twin)
+
+
+def test_emulation_sees_every_launch():
+    text = for_gcc(SOURCE.read_text())
+    assert text.count("emu_launch(") == 4  # forward, dq, dk/dv, step
