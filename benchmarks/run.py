@@ -60,11 +60,8 @@ def make_steps(case: Case, impl: Impl, inputs: dict):
     leaves = grad_inputs(inputs)
     backward = case.backward and bool(leaves)
 
-    def fwd():
-        if backward:
-            return impl.run(inputs)
-        with torch.inference_mode():
-            return impl.run(inputs)
+    def fwd():  # forward-only cases are timed inside inference mode (see measure), as a decode loop runs
+        return impl.run(inputs)
 
     grad_out = {}
 
@@ -216,19 +213,22 @@ def measure(case: Case, impl: Impl, args, ref_out=None) -> tuple[dict, object]:
         return {**row, "status": f"skipped: {reason}"}, None
     out = inputs = fwd = fwd_bwd = None
     try:
+        if not args.isolate:  # on inputs of its own: an op that updates a state in place changes its inputs
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                out = impl.run(case.make_inputs(case.device, case.dtype))
         torch.manual_seed(0)
         inputs = case.make_inputs(case.device, case.dtype)
         fwd, fwd_bwd = make_steps(case, impl, inputs)
-        mem = peak_mb(fwd_bwd or fwd, case.device) if not args.no_memory else None
-        fwd_ms = time_ms(fwd, case.device, args.min_run_time)
+        with torch.inference_mode(fwd_bwd is None):
+            mem = peak_mb(fwd_bwd or fwd, case.device) if not args.no_memory else None
+            fwd_ms = time_ms(fwd, case.device, args.min_run_time)
         total_ms = time_ms(fwd_bwd, case.device, args.min_run_time) if fwd_bwd else None
         row.update(status="ok", fwd_ms=fwd_ms, fwd_bwd_ms=total_ms, bwd_ms=total_ms - fwd_ms if total_ms else None,
                    peak_mb=mem, flops=case.flops, bytes=case.bytes)
         if case.items:
             row.update(rate=case.items / (fwd_ms / 1e3), unit=f"{case.unit}/s")
-        if not args.isolate:
-            with torch.inference_mode():
-                out = impl.run(inputs)
+        if out is not None:
             row["err"] = rel_err(out, ref_out) if ref_out is not None else None
     except Exception as e:  # one failing implementation must not sink the run: record it
         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agiformer_kernels import available_backends, gru_patch_decode, gru_patch_loss, gru_patch_sample
 from benchmarks.registry import case, impl
 
 DECODE_OP = "gru_patch_decode"
@@ -65,8 +66,6 @@ def _available(name: str, op: str):
     def available(c):
         if name == "triton" and c.device != "cuda":
             return "triton runs CPU tensors only through its interpreter (a test tool)"
-        from agiformer_kernels import available_backends
-
         why = available_backends(c.device)[op][name]
         return None if why == "available" else why
 
@@ -78,8 +77,6 @@ def _available(name: str, op: str):
 
 def _decode(backend):
     def run(inputs):
-        from agiformer_kernels import gru_patch_decode
-
         return gru_patch_decode(inputs["context"], _prev_bytes(inputs["targets"]), *_weights(inputs), backend=backend)
 
     return run
@@ -87,8 +84,6 @@ def _decode(backend):
 
 def _loss(backend):
     def run(inputs):
-        from agiformer_kernels import gru_patch_loss
-
         return gru_patch_loss(inputs["context"], inputs["targets"], *_weights(inputs), inputs["head_weight"],
                               inputs["head_bias"], backend=backend)
 
@@ -97,8 +92,6 @@ def _loss(backend):
 
 def _sample(backend, temperature):
     def run(inputs):
-        from agiformer_kernels import gru_patch_sample
-
         return gru_patch_sample(inputs["context"], *_weights(inputs), inputs["head_weight"], inputs["head_bias"],
                                 patch_size=inputs["P"], temperature=temperature, backend=backend)
 

@@ -14,6 +14,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from agiformer_kernels import available_backends, linear_attention, linear_attention_step
 from benchmarks.registry import case, impl
 
 OP = "linear_attention"
@@ -48,8 +49,6 @@ def _available(name: str, op: str = OP):
     def available(c):
         if name == "triton" and c.device != "cuda":
             return "triton runs CPU tensors only through its interpreter (a test tool)"
-        from agiformer_kernels import available_backends
-
         why = available_backends(c.device)[op][name]
         return None if why == "available" else why
 
@@ -58,8 +57,6 @@ def _available(name: str, op: str = OP):
 
 def _ours(backend: str):
     def run(inputs):
-        from agiformer_kernels import linear_attention
-
         return linear_attention(inputs["q"], inputs["k"], inputs["v"], backend=backend)
 
     return run
@@ -128,8 +125,6 @@ def step_inputs(B: int, H: int, D: int):
 
 def _ours_step(backend: str):
     def run(inputs):
-        from agiformer_kernels import linear_attention_step
-
         return linear_attention_step(inputs["q"], inputs["k"], inputs["v"], (inputs["S"], inputs["z"]),
                                      backend=backend)
 

@@ -13,6 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from agiformer_kernels import available_backends, sliding_window_attention, sliding_window_attention_step
 from benchmarks.registry import case, impl
 
 OP = "sliding_window_attention"
@@ -48,8 +49,6 @@ def _available(name: str, op: str = OP):
     def available(c):
         if name == "triton" and c.device != "cuda":
             return "triton runs CPU tensors only through its interpreter (a test tool)"
-        from agiformer_kernels import available_backends
-
         why = available_backends(c.device)[op][name]
         return None if why == "available" else why
 
@@ -58,8 +57,6 @@ def _available(name: str, op: str = OP):
 
 def _ours(backend: str):
     def run(inputs):
-        from agiformer_kernels import sliding_window_attention
-
         return sliding_window_attention(inputs["q"], inputs["k"], inputs["v"], inputs["window"], backend=backend)
 
     return run
@@ -187,8 +184,6 @@ def step_inputs(B: int, H: int, D: int, window: int):
 
 def _ours_step(backend: str):
     def run(inputs):
-        from agiformer_kernels import sliding_window_attention_step
-
         return sliding_window_attention_step(inputs["q"], inputs["k"], inputs["v"], inputs["k_cache"],
                                              inputs["v_cache"], inputs["pos"], backend=backend)
 

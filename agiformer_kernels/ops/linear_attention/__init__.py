@@ -156,10 +156,7 @@ def linear_attention_step(
     # Called once per generated token: keyword arguments spelled out, no dict to build and unpack.
     scale = float(q.shape[2] ** -0.5 if scale is None else scale)
     feature_eps, eps, normalize = float(feature_eps), float(eps), bool(normalize)
-    fn = backends.select(
-        "linear_attention_step", backend, q.device, q, k, v, state,
-        feature_map=feature_map, feature_eps=feature_eps, scale=scale, eps=eps, normalize=normalize,
-    )
+    fn = backends.select("linear_attention_step", backend, q.device, q, k, v, state)  # checks need no options
     if torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or state[0].requires_grad or state[1].requires_grad
     ):
@@ -172,24 +169,19 @@ def linear_attention_step(
 
 def _step_inputs_ok(q, k, v, state) -> bool:
     """One cheap test of everything linear_attention_step checks: a decode loop calls it per token."""
-    if type(state) not in (tuple, list) or len(state) != 2:
+    try:
+        S, z = state
+        shape, v_shape, dtype, device = q.shape, v.shape, q.dtype, q.device
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return (
+            len(shape) == 3 and k.shape == shape and len(v_shape) == 3 and v_shape[:2] == shape[:2]
+            and dtype in FLOAT_DTYPES and k.dtype == dtype and v.dtype == dtype
+            and S.dtype == state_dtype and z.dtype == state_dtype
+            and S.shape == (*shape, v_shape[2]) and z.shape == shape
+            and k.device == device and v.device == device and S.device == device and z.device == device
+        )
+    except (TypeError, ValueError, AttributeError):  # not a pair, not tensors: the full checks say what
         return False
-    S, z = state
-    T = torch.Tensor
-    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T) and isinstance(S, T) and isinstance(z, T)):
-        return False
-    shape = q.shape
-    if len(shape) != 3 or k.shape != shape or v.dim() != 3 or v.shape[:2] != shape[:2]:
-        return False
-    dtype = q.dtype
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    if not (k.dtype == dtype and v.dtype == dtype and dtype in FLOAT_DTYPES and S.dtype == state_dtype
-            and z.dtype == state_dtype):
-        return False
-    if S.shape != (*shape, v.shape[2]) or z.shape != shape:
-        return False
-    device = q.device
-    return k.device == device and v.device == device and S.device == device and z.device == device
 
 
 __all__ = ["linear_attention", "linear_attention_step"]
