@@ -40,6 +40,7 @@ def test_runner_writes_rows(toy_registry, tmp_path):
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["baseline"] == "slow-alt"
         assert 0 < r["roofline"] < 1.5
     assert record["device_type"] == "cpu" and "torch" in record["versions"] and record["commit"]
+    assert record["complete"] is True
 
 
 def test_rounds_keep_each_implementations_best(toy_registry, tmp_path):
@@ -57,3 +58,17 @@ def test_isolated_measurement_runs_in_a_child_process(tmp_path):
                      "reference", "--min-run-time", "0.01", "--isolate", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["status"] == "ok" and r["fwd_ms"] > 0 for r in rows), rows
+
+
+def test_interrupted_run_keeps_finished_cases(toy_registry, tmp_path):
+    def interrupt(inputs):
+        raise KeyboardInterrupt
+
+    registry.case("stop", "N1", "cpu", torch.float32, lambda device, dtype: {}, flops=1, bytes=1, quick=True)
+    registry.impl("stop", "reference", interrupt)
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--quick", "--device", "cpu", "--min-run-time", "0.01", "--impl", "reference", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["complete"] is False
+    assert [(r["op"], r["status"]) for r in record["rows"]] == [("toy", "ok")]
