@@ -106,7 +106,8 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
-def linear_attention_cpp(
+def run_forward(
+    fwd,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -120,23 +121,19 @@ def linear_attention_cpp(
     output_final_state: bool,
     cu_seqlens: Optional[torch.Tensor],
 ):
+    """The public function's result from ``fwd``, an op of ``linear_attention_fwd``'s schema (C++ or Triton)."""
     S0 = z0 = None
     if initial_state is not None:
         S0, z0 = (t.contiguous() for t in initial_state)
-    o, _, S, z, _, _ = torch.ops.agiformer_kernels.linear_attention_fwd(
-        _last_contiguous(q),
-        _last_contiguous(k),
-        _last_contiguous(v),
-        S0,
-        z0,
-        cu_seqlens,
-        feature_map,
-        feature_eps,
-        scale,
-        eps,
-        normalize,
+    o, _, S, z, _, _ = fwd(
+        _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), S0, z0, cu_seqlens,
+        feature_map, feature_eps, scale, eps, normalize,
     )
     return (o, (S, z)) if output_final_state else o
+
+
+def linear_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options):
+    return run_forward(torch.ops.agiformer_kernels.linear_attention_fwd, q, k, v, **options)
 
 
 def linear_attention_step_cpp(

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ... import backends
-from .cpp import CHUNK, chunk_rows  # the same chunk-state row layout as the C++ kernels
+from .cpp import CHUNK, _last_contiguous, chunk_rows, run_forward  # the C++ kernels' row layout and calls
 from .reference import State, acc_dtype
 
 MAX_HEAD_DIM = 128
@@ -319,10 +319,6 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
 @torch.library.custom_op("agiformer_kernels::linear_attention_triton_fwd", mutates_args=())
 def linear_attention_triton_fwd(
     q: torch.Tensor,
@@ -531,28 +527,8 @@ def _(q, k, v, S, z, feature_map, feature_eps, scale, eps, normalize):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
-def linear_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    feature_map: str,
-    feature_eps: float,
-    scale: float,
-    eps: float,
-    normalize: bool,
-    initial_state: Optional[State],
-    output_final_state: bool,
-    cu_seqlens: Optional[torch.Tensor],
-):
-    S0 = z0 = None
-    if initial_state is not None:
-        S0, z0 = (t.contiguous() for t in initial_state)
-    o, _, S, z, _, _ = linear_attention_triton_fwd(
-        _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), S0, z0, cu_seqlens,
-        feature_map, feature_eps, scale, eps, normalize,
-    )
-    return (o, (S, z)) if output_final_state else o
+def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options):
+    return run_forward(linear_attention_triton_fwd, q, k, v, **options)
 
 
 def linear_attention_step_triton(
