@@ -107,11 +107,17 @@ CASES = [
     (1, 1000, 1, 128, 128, False, False, "default"),
     (2, 130, 2, 128, 64, True, False, "identity-unnormalized"),
 ]
-CASE_IDS = [
-    shape_id(B, L, H, D, Dv=f"Dv{Dv}" if Dv != D else "", state="state" if s else "", packed="cu" if p else "")
-    + f"-{o}"
-    for B, L, H, D, Dv, s, p, o in CASES
-]
+
+
+def case_ids(cases) -> list[str]:
+    return [
+        shape_id(B, L, H, D, Dv=f"Dv{Dv}" if Dv != D else "", state="state" if s else "", packed="cu" if p else "")
+        + f"-{o}"
+        for B, L, H, D, Dv, s, p, o in cases
+    ]
+
+
+CASE_IDS = case_ids(CASES)
 
 
 def _case(B, L, H, D, Dv, state, packed, options, dtype):

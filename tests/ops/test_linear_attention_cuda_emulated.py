@@ -17,7 +17,16 @@ import torch
 from agiformer_kernels.ops.linear_attention.cpp import chunk_rows
 from agiformer_kernels.ops.linear_attention.reference import linear_attention_step_reference
 from tests.cuda_emulation import CSRC, for_gcc, load, ptr
-from tests.ops.test_linear_attention import TOLERANCE, _case, fp32_grad_tol, offsets_for, rel_rms, run, shape_id
+from tests.ops.test_linear_attention import (
+    CASE_IDS,
+    CASES,
+    TOLERANCE,
+    _case,
+    fp32_grad_tol,
+    offsets_for,
+    rel_rms,
+    run,
+)
 from tests.utils import assert_close, assert_low_precision_close
 
 SOURCE = CSRC / "linear_attention" / "linear_attention.cu"
@@ -108,23 +117,6 @@ def emulate(kernels, q, k, v, init, offsets, opts, grads_out):
                            ptr(cz), ptr(cdS), ptr(cdz), ptr(dS), ptr(dz), ptr(dS0), ptr(dz0), ptr(cu), ptr(table), n,
                            n_chunks, B, L, H, D, Dv, elu, norm, feps, scale) == 0
     return (o, S, z), (dq, dk, dv, dS0, dz0)
-
-
-CASES = [
-    # (B, L, H, D, Dv, state, packed, options): the oracle cache is shared with test_linear_attention.py
-    (2, 1, 3, 16, 16, False, False, "default"),
-    (2, 63, 3, 32, 32, True, False, "default"),
-    (2, 65, 2, 64, 64, False, False, "identity-unnormalized"),
-    (1, 65, 2, 16, 24, True, True, "default"),
-    (1, 1000, 2, 32, 32, True, True, "scale0.5-eps1e-2"),
-    (2, 130, 2, 128, 64, True, False, "identity-unnormalized"),
-    (1, 1000, 1, 128, 128, False, False, "default"),
-]
-CASE_IDS = [
-    shape_id(B, L, H, D, Dv=f"Dv{Dv}" if Dv != D else "", state="state" if s else "", packed="cu" if p else "")
-    + f"-{o}"
-    for B, L, H, D, Dv, s, p, o in CASES
-]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

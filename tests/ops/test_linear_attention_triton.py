@@ -18,12 +18,12 @@ from tests.ops.test_linear_attention import (
     OPTIONS,
     TOLERANCE,
     _case,
+    case_ids,
     fp32_grad_tol,
     make_inputs,
     offsets_for,
     rel_rms,
     run,
-    shape_id,
 )
 from tests.utils import assert_close, assert_low_precision_close
 
@@ -39,11 +39,7 @@ CASES = [
     (1, 130, 1, 8, 8, True, True, "scale0.5-eps1e-2"),
     (1, 1000, 1, 16, 16, True, True, "default"),
 ]
-CASE_IDS = [
-    shape_id(B, L, H, D, Dv=f"Dv{Dv}" if Dv != D else "", state="state" if s else "", packed="cu" if p else "")
-    + f"-{o}"
-    for B, L, H, D, Dv, s, p, o in CASES
-]
+CASE_IDS = case_ids(CASES)
 
 
 def close(name, out, ref, tol=None):
