@@ -23,6 +23,16 @@ OP_LIB = "gru_patch"
 _ops = None
 
 
+def decode_setup(ctx, inputs, output):
+    """Autograd context of a gru_patch_decode forward op (C++ or Triton: the same outputs)."""
+    context, prev_bytes, byte_emb, weight_ih, weight_hh, _, _, _ = inputs
+    hidden, gates, hidden_acc = output
+    ctx.mark_non_differentiable(gates, hidden_acc)
+    ctx.set_materialize_grads(False)
+    saved = hidden if hidden.dtype == gates.dtype else hidden_acc
+    ctx.save_for_backward(context, prev_bytes, byte_emb, weight_ih, weight_hh, saved, gates)
+
+
 def _register_python_side() -> None:
     """Fake kernels and autograd for the C++ ops; they can only be attached once the library is loaded."""
     global _ops
@@ -64,14 +74,6 @@ def _register_python_side() -> None:
     def _sample_fake(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size,
                      temperature, top_k, prefix, sos, seed):
         return context.new_empty(context.shape[0], patch_size, dtype=torch.int64)
-
-    def decode_setup(ctx, inputs, output):
-        context, prev_bytes, byte_emb, weight_ih, weight_hh, _, _, _ = inputs
-        hidden, gates, hidden_acc = output
-        ctx.mark_non_differentiable(gates, hidden_acc)
-        ctx.set_materialize_grads(False)
-        saved = hidden if hidden.dtype == gates.dtype else hidden_acc
-        ctx.save_for_backward(context, prev_bytes, byte_emb, weight_ih, weight_hh, saved, gates)
 
     def decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
         if grad_hidden is None:

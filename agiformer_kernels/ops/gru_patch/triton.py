@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ... import backends
+from .cpp import decode_setup
 from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype, draw_seed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -475,15 +476,6 @@ def _weight_grads_fake(context):
     return [new(context.shape), new(VOCAB, h), new(3 * h, 2 * h), new(3 * h, h), new(3 * h), new(3 * h)]
 
 
-def _decode_setup(ctx, inputs, output):
-    context, prev_bytes, byte_emb, weight_ih, weight_hh, _, _, _ = inputs
-    hidden, gates, hidden_acc = output
-    ctx.mark_non_differentiable(gates, hidden_acc)
-    ctx.set_materialize_grads(False)
-    saved = hidden if hidden.dtype == gates.dtype else hidden_acc
-    ctx.save_for_backward(context, prev_bytes, byte_emb, weight_ih, weight_hh, saved, gates)
-
-
 def _decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
     if grad_hidden is None:
         return (None,) * 8
@@ -491,7 +483,7 @@ def _decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
     return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, None
 
 
-decode_fwd.register_autograd(_decode_backward, setup_context=_decode_setup)
+decode_fwd.register_autograd(_decode_backward, setup_context=decode_setup)
 
 
 @torch.library.custom_op("agiformer_kernels::gru_patch_triton_loss_fwd", mutates_args=())
