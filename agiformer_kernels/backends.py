@@ -2,7 +2,7 @@
 
 Each op registers its implementations here (``register``); the public function validates
 its inputs and calls ``select``. ``backend=None``/``"auto"`` (or ``AGIFORMER_KERNELS_BACKEND``
-unset) takes the first backend of ``AUTO_ORDER[device]`` that can serve the call, warning once
+unset) takes the first backend of ``auto_order(op, device)`` that can serve the call, warning once
 for each one it skips; a backend named explicitly, by argument or environment variable, either
 serves the call or raises ``BackendError`` saying why.
 
@@ -25,8 +25,24 @@ import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "AGIFORMER_KERNELS_BACKEND"
-# Triton on CPU tensors runs only through its interpreter: a test tool, never an auto choice.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Triton on CPU tensors runs only through its interpreter: a test tool, never an auto choice. On CUDA
+# tensors the order is per op, from an H100's timings (benchmarks/results/cuda-*.json): Triton ran the
+# whole-sequence ops and the GRU decoder's training 1.1 to 16 times faster than the CUDA kernels; the
+# CUDA kernels ran the one-token decode steps 2.4 to 4 times faster (a Triton launch costs more host
+# time), and sampling stays on CUDA, where generation ran end to end (the Triton sampler did not
+# compile for the model's call there).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+CUDA_FIRST = ("cuda", "triton", "reference")
+OP_AUTO_ORDER = {
+    ("linear_attention_step", "cuda"): CUDA_FIRST,
+    ("sliding_window_attention_step", "cuda"): CUDA_FIRST,
+    ("gru_patch_sample", "cuda"): CUDA_FIRST,
+}
+
+
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    """The backends ``auto`` tries for op on device_type, in order."""
+    return OP_AUTO_ORDER.get((op, device_type)) or AUTO_ORDER.get(device_type, ("reference",))
 
 Reason = Optional[str]  # why a backend cannot serve; None when it can
 
@@ -111,7 +127,7 @@ def select(op: str, backend: str | None, device: torch.device, *args: Any, **kwa
             raise BackendError(f"{op}: backend {name!r} cannot serve this call: {reason}")
         return impl.fn
     skipped = []
-    for candidate in AUTO_ORDER.get(device_type, ("reference",)):
+    for candidate in auto_order(op, device_type):
         impl = impls.get(candidate)
         if impl is None:
             continue

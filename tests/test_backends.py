@@ -39,6 +39,21 @@ def test_auto_prefers_the_fast_backend():
     assert pick(torch.ones(2)) is double_fast
 
 
+def test_auto_order_is_per_op_on_cuda(monkeypatch):
+    """On CUDA tensors auto tries Triton first, except for the ops OP_AUTO_ORDER puts on CUDA first."""
+
+    def triton_fn(x):
+        return x
+
+    register(OP, "triton", triton_fn)
+    register(OP, "cuda", double_fast)
+    cuda = torch.device("cuda")
+    assert select(OP, None, cuda, torch.ones(2)) is triton_fn
+    monkeypatch.setitem(backends.OP_AUTO_ORDER, (OP, "cuda"), backends.CUDA_FIRST)
+    assert select(OP, None, cuda, torch.ones(2)) is double_fast
+    assert select(OP, None, torch.device("cpu"), torch.ones(2)) is double_fast  # CPU tensors: unchanged
+
+
 def test_auto_falls_back_with_one_warning():
     x = torch.ones(2, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="'cpu' cannot serve this call \\(float64 unsupported\\); using 'reference'"):

@@ -117,7 +117,8 @@ def _block_mask(L: int, window: int, device: str):
     def sliding_window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return create_block_mask(sliding_window, B=None, H=None, Q_LEN=L, KV_LEN=L, device=device)
+    with torch.inference_mode(False):  # cached: a mask made in a forward-only timing must serve backward too
+        return create_block_mask(sliding_window, B=None, H=None, Q_LEN=L, KV_LEN=L, device=device)
 
 
 def flex(inputs):

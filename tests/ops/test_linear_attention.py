@@ -1,7 +1,8 @@
 """linear_attention (SPEC §1.1) and its decode step: reference and C++ CPU backends against the float64 oracle.
 
-The Triton backend's interpreter tests live in test_linear_attention_triton.py (slow); the CUDA
-backend's in test_linear_attention_cuda.py (GPU only).
+The Triton backend's tests live in test_linear_attention_triton.py (the interpreter on CPU, slow), and
+so do the GPU tests of the Triton and CUDA backends; the CUDA kernels' emulated runs on CPU in
+test_linear_attention_cuda_emulated.py.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def shape_id(B, L, H, D, dtype=None, **extra):
 def run(backend, q, k, v, init, packed, options, requires_grad=False):
     leaves = [t.detach().clone().requires_grad_(requires_grad) for t in (q, k, v)]
     state = None if init is None else tuple(t.detach().clone().requires_grad_(requires_grad) for t in init)
-    cu = torch.tensor(offsets_for(q.shape[1]), dtype=torch.int32) if packed else None
+    cu = torch.tensor(offsets_for(q.shape[1]), dtype=torch.int32, device=q.device) if packed else None
     o, (S, z) = linear_attention(
         *leaves, initial_state=state, output_final_state=True, cu_seqlens=cu, backend=backend, **dict(options)
     )

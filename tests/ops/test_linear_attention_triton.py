@@ -46,8 +46,8 @@ def close(name, out, ref, tol=None):
     assert_close(name, out.cpu(), ref.cpu(), tol)
 
 
-def lp_close(name, out, ref, ref_same_dtype):
-    assert_low_precision_close(name, out.cpu(), ref.cpu(), ref_same_dtype.cpu())
+def lp_close(name, out, ref, ref_same_dtype, floor=0.0):
+    assert_low_precision_close(name, out.cpu(), ref.cpu(), ref_same_dtype.cpu(), floor)
 
 
 def to_device(*tensors):
@@ -191,8 +191,10 @@ def test_gpu_low_precision_rule(case, dtype, backend):
             close(name, g, g_ref, tol=fp32_grad_tol(rel_rms(r, g_ref)))
         return
     lp_close("o", o, o_ref, r_o)
+    # one token: dq = O(eps) by cancellation, measured against dv's size (see assert_low_precision_close)
+    dq_floor = float(grads_ref[2].norm()) if case[1] == 1 else 0.0
     for name, g, r, g_ref in zip(["dq", "dk", "dv"], grads, r_grads, grads_ref):
-        lp_close(name, g, g_ref, r)
+        lp_close(name, g, g_ref, r, dq_floor if name == "dq" else 0.0)
 
 
 @pytest.mark.gpu

@@ -225,8 +225,10 @@ def test_kernel_matches_oracle(backend, dtype, B, L, H, D, window, offsets):
         same = sliding_window_attention(qs, ks, vs, window, cu_seqlens=cu, backend="reference")
         same.backward(grad.to(device=device, dtype=dtype))
         assert_low_precision_close("o", out.cpu(), ref, same.cpu())
+        # window 1: dq = dk = 0, measured against dv's size (see assert_low_precision_close)
+        floor = float(ref_grads[2].norm()) if window == 1 else 0.0
         for name, t, s, g in zip("qkv", (q, k, v), (qs, ks, vs), ref_grads):
-            assert_low_precision_close(f"d{name}", t.grad.cpu(), g, s.grad.cpu())
+            assert_low_precision_close(f"d{name}", t.grad.cpu(), g, s.grad.cpu(), floor if name != "v" else 0.0)
         return
     assert_close("o", out.cpu(), ref)
     for name, t, g in zip("qkv", (q, k, v), ref_grads):
@@ -378,6 +380,8 @@ def test_step_token_by_token_equals_full_attention(backend, dtype, window, L):
     device = "cuda" if backend == "cuda" else "cpu"
     if backend == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the C++ CPU kernel takes float32/float64 (auto falls back to reference)")
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the CUDA kernel takes float16/bfloat16/float32 (auto falls back to reference)")
     q, k, v = make_qkv(2, L, 3, 16, dtype, device)
     out, cache_k, _ = run_steps(q, k, v, window, backend, [0, 0])
     full = sliding_window_attention(q, k, v, window, backend="reference")
