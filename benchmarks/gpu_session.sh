@@ -4,7 +4,7 @@
 # the GPU benchmarks. Each stage has its own time limit, so one call fits the device's
 # 10-minute limit and a stage cut short still leaves its log (and the benchmarks their finished cases).
 #
-#   benchmarks/gpu_session.sh build:240 test:200 bench:300           # stage:seconds, in order
+#   benchmarks/gpu_session.sh build:60 test:300 bench:230            # stage:seconds, in order
 #   benchmarks/gpu_session.sh bench:500 -- --op gru_patch_loss       # arguments after -- go to benchmarks.run
 #   PYTEST_ARGS="-m gpu" benchmarks/gpu_session.sh test:300           # a subset of the tests
 #
