@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is for, in one command: build the three extensions, run the tests (all
+# Everything a lent GPU machine is for, in one command: build the ops' extensions, run the tests (all
 # of them: besides the gpu-marked ones, many tests take CUDA tensors whenever a GPU is present), time
 # the GPU benchmarks. Each stage has its own time limit, so one call fits the device's
 # 10-minute limit and a stage cut short still leaves its log (and the benchmarks their finished cases).
@@ -38,14 +38,15 @@ for stage in "${stages[@]}"; do
     start=$SECONDS
     case $name in
     build)
-        # the three libraries compile side by side; a failing one prints the compiler's output
-        for op in linear_attention sliding_window_attention gru_patch; do
+        # the ops' libraries compile side by side; a failing one prints the compiler's output
+        ops=$(python3 -c "from agiformer_kernels.extension import ops_with_sources; print(*ops_with_sources())")
+        for op in $ops; do
             AGIFORMER_KERNELS_VERBOSE_BUILD=1 timeout "$limit" python3 -c \
                 "from agiformer_kernels import extension; extension.load('$op'); print('built $op')" \
                 >"$OUT/build-$op.log" 2>&1 &
         done
         wait
-        for op in linear_attention sliding_window_attention gru_patch; do
+        for op in $ops; do
             grep -q "^built $op" "$OUT/build-$op.log" || { status=1; echo "BUILD FAILED: $op"; tail -40 "$OUT/build-$op.log"; }
             cat "$OUT/build-$op.log" >>"$OUT/build.log" && rm "$OUT/build-$op.log"
         done
