@@ -99,30 +99,38 @@ def stream(model: AGIFORMER, prompts: Prompts, max_new_bytes: int, *, temperatur
     was_training = model.training
     model.eval()
     try:
-        latent, states, pos = _prefill(model, rows, device)
-        patch = _first_patch(model, latent, rows, sample_kw)
-        skip = [len(p) % P for p in rows]  # bytes of the first patch that belong to the prompt
-        produced = [0] * len(rows)
-        done = [False] * len(rows)
-        while True:
-            chunk = []
-            for b, values in enumerate(patch.tolist()):
-                new = b"" if done[b] else bytes(values[skip[b] :])[: max_new_bytes - produced[b]]
-                cut = next((i for i, c in enumerate(new) if c in stops), None)
-                if cut is not None:
-                    new, done[b] = new[: cut + 1], True
-                produced[b] += len(new)
-                done[b] = done[b] or produced[b] >= max_new_bytes
-                chunk.append(new)
-            yield chunk
-            if all(done):
-                return
-            latent = model.step(patch, states, pos)
-            pos += 1
-            patch = model.head.sample(latent, **sample_kw)
-            skip = [0] * len(rows)
+        with model.head.cached_byte_table():
+            yield from _stream(model, rows, max_new_bytes, sample_kw, stops, device)
     finally:
         model.train(was_training)
+
+
+def _stream(model: AGIFORMER, rows: list[bytes], max_new_bytes: int, sample_kw: dict, stops: set,
+            device: torch.device) -> Iterator[list[bytes]]:
+    """stream's loop, its arguments checked: prefill, then one patch per step."""
+    P = model.patch_size
+    latent, states, pos = _prefill(model, rows, device)
+    patch = _first_patch(model, latent, rows, sample_kw)
+    skip = [len(p) % P for p in rows]  # bytes of the first patch that belong to the prompt
+    produced = [0] * len(rows)
+    done = [False] * len(rows)
+    while True:
+        chunk = []
+        for b, values in enumerate(patch.tolist()):
+            new = b"" if done[b] else bytes(values[skip[b] :])[: max_new_bytes - produced[b]]
+            cut = next((i for i, c in enumerate(new) if c in stops), None)
+            if cut is not None:
+                new, done[b] = new[: cut + 1], True
+            produced[b] += len(new)
+            done[b] = done[b] or produced[b] >= max_new_bytes
+            chunk.append(new)
+        yield chunk
+        if all(done):
+            return
+        latent = model.step(patch, states, pos)
+        pos += 1
+        patch = model.head.sample(latent, **sample_kw)
+        skip = [0] * len(rows)
 
 
 def generate(model: AGIFORMER, prompts: Prompts, max_new_bytes: int, **kwargs) -> Union[bytes, list[bytes]]:

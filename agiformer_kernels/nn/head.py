@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
 
-from .. import gru_patch_decode, gru_patch_loss, gru_patch_sample
+from .. import gru_patch_byte_table, gru_patch_decode, gru_patch_loss, gru_patch_sample
 
 SOS = 0  # v1 starts every patch from byte 0
 
@@ -28,6 +29,18 @@ class LocalAutoregressiveHead(nn.Module):
         self.byte_emb = nn.Embedding(256, hidden_dim)
         self.rnn = nn.GRU(2 * hidden_dim, hidden_dim, batch_first=True)
         self.head = nn.Linear(hidden_dim, 256)
+        self._byte_tables: Optional[dict] = None  # see cached_byte_table
+
+    @contextlib.contextmanager
+    def cached_byte_table(self) -> Iterator[None]:
+        """Within this context ``sample`` builds the GRU's byte table (``gru_patch_byte_table``, a
+        256×3h×h product) once per dtype and device and reuses it, instead of once per call: for many
+        calls with unchanged weights, as in generation. The weights must not change inside it."""
+        outer, self._byte_tables = self._byte_tables, {}
+        try:
+            yield
+        finally:
+            self._byte_tables = outer
 
     def _context(self, latent: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         c = self.proj_latent(latent).flatten(0, -2)
@@ -71,6 +84,12 @@ class LocalAutoregressiveHead(nn.Module):
         (r < P) forces the first r bytes of each of the M patches."""
         c, weights = self._context(latent)
         head = (self.head.weight.to(c.dtype), self.head.bias.to(c.dtype))
+        table = None
+        if self._byte_tables is not None:
+            table = self._byte_tables.get((c.dtype, c.device))
+            if table is None:
+                table = self._byte_tables[c.dtype, c.device] = gru_patch_byte_table(weights[0], weights[1])
         out = gru_patch_sample(c, *weights, *head, patch_size=self.patch_size, temperature=temperature,
-                               top_k=top_k, prefix=prefix, sos=SOS, generator=generator, backend=self.backend)
+                               top_k=top_k, prefix=prefix, sos=SOS, generator=generator, byte_table=table,
+                               backend=self.backend)
         return out.reshape(*latent.shape[:-1], self.patch_size)

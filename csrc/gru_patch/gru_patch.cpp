@@ -48,6 +48,7 @@ using at::Tensor;
 constexpr int64_t kVocab = 256;
 constexpr int64_t kTile = 128;      // patches per work item of the tiled kernels
 constexpr int64_t kSmallM = 32;    // sampling at M <= kSmallM splits units across threads instead
+constexpr int64_t kLanesMin = 11;  // ... and from this M on (fp32), puts the patches in vector lanes
 constexpr int64_t kTableMin = 512; // build the byte table when M·P >= this (it costs 256 rows)
 
 // ------------------------------------------------------------------------------------------------
@@ -442,6 +443,29 @@ void dot_rows(int64_t m, const T* const* x, const T* W, int64_t ldw, int64_t n, 
     }
   }
 }
+
+#if defined(__AVX512F__)
+// Patches in vector lanes: yT[j][0..15] = Σ_k W[j·ldw + k]·xT[k][0..15] for j < n, where xT holds up to 16
+// patches' inputs transposed (lane = patch). Each k-step is one vector load and JB broadcast FMAs, with no
+// horizontal sums and the weights in their own row-major layout; 16 accumulators (24 spill with GCC).
+template <int JB>
+inline void lanes_block(const float* W, int64_t ldw, int64_t k, const float* xT, float* yT) {
+  __m512 acc[JB];
+  for (int j = 0; j < JB; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m512 xv = _mm512_loadu_ps(xT + 16 * kk);
+    for (int j = 0; j < JB; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(W[j * ldw + kk]), xv, acc[j]);
+  }
+  for (int j = 0; j < JB; ++j) _mm512_storeu_ps(yT + 16 * j, acc[j]);
+}
+
+inline void lanes_product(const float* W, int64_t ldw, int64_t n, int64_t k, const float* xT, float* yT) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) lanes_block<16>(W + j * ldw, ldw, k, xT, yT + 16 * j);
+  for (; j + 4 <= n; j += 4) lanes_block<4>(W + j * ldw, ldw, k, xT, yT + 16 * j);
+  for (; j < n; ++j) lanes_block<1>(W + j * ldw, ldw, k, xT, yT + 16 * j);
+}
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // The weights of one call, as raw pointers into contiguous acc-dtype tensors.
@@ -882,8 +906,14 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
     for (int64_t t = 0; t < P; ++t) {
       const T* hcur = hbuf.data() + (t & 1) * M * h;
       T* hnext = hbuf.data() + ((t + 1) & 1) * M * h;
-      for (int64_t i = 0; i < M; ++i) x[i] = W.emb + cur[i] * h;
-      project(W.w_ih, 2 * h, ge.data());
+      if (W.table) {  // own slices of the table rows
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t q = 0; q < 3; ++q)
+            std::memcpy(ge.data() + i * L + q * nu, W.table + cur[i] * 3 * h + q * h + u0, nu * sizeof(T));
+      } else {
+        for (int64_t i = 0; i < M; ++i) x[i] = W.emb + cur[i] * h;
+        project(W.w_ih, 2 * h, ge.data());
+      }
       if (t > 0) {
         for (int64_t i = 0; i < M; ++i) x[i] = hcur + i * h;
         project(W.w_hh, h, gh.data());
@@ -913,10 +943,144 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
   }
 }
 
+#if defined(__AVX512F__)
+// Some patches (fp32, kLanesMin <= M <= kSmallM): the split of sample_split (units and vocabulary across
+// threads), with the patches in vector lanes, groups of 16: the hidden state, gates and logits are kept
+// transposed ([unit][patch]) and every product is lanes_product, which runs near the FMA peak where
+// dot_rows' few-row tiles do not. The byte part is a gather from the table (or, without one, a product
+// with the gathered embeddings). Greedy picks the bytes of all lanes at once; sampling splits the rows
+// across threads (one more barrier) and runs choose_byte on each row.
+void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, const float* hb, int64_t M, int64_t P,
+                  const int64_t* prefix, int64_t forced, int64_t sos, const SampleParams& sp, int64_t* out,
+                  int threads) {
+  const int64_t h = W.h, G = (M + 15) / 16;  // lane groups
+  const bool greedy = sp.temperature == 0;
+  Scratch<float> ctxT(G * h * 16), hT(2 * G * h * 16), logT(G * kVocab * 16);
+  Scratch<int64_t> picked(M);  // sampling: the rows' bytes, each row picked by one thread
+  std::fill(ctxT.data(), ctxT.data() + G * h * 16, 0.f);
+  std::fill(hT.data(), hT.data() + 2 * G * h * 16, 0.f);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < h; ++k) ctxT[((i / 16) * h + k) * 16 + i % 16] = ctx[i * h + k];
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int tid = 0, nt = 1;
+#endif
+    const int64_t chunks = (h + 15) / 16;
+    const int64_t u0 = std::min(h, chunks * tid / nt * 16), u1 = std::min(h, chunks * (tid + 1) / nt * 16);
+    const int64_t v0 = kVocab * tid / nt, v1 = kVocab * (tid + 1) / nt;
+    const int64_t nu = u1 - u0, L = 3 * nu;
+    Scratch<float> gc(G * L * 16), gh(L * 16), ge(L * 16), xT(W.table ? 0 : h * 16), e(kVocab), row(kVocab);
+    std::vector<int64_t> cur(G * 16, sos);  // every thread's own copy of the bytes fed next
+    // own rows of a [3h, ldw] weight (from column c0) times group g's transposed inputs: y[q·nu + j][lanes]
+    auto project = [&](const float* w, int64_t ldw, const float* x, float* y) {
+      for (int64_t q = 0; q < 3 && nu > 0; ++q) lanes_product(w + (q * h + u0) * ldw, ldw, nu, h, x, y + q * nu * 16);
+    };
+    for (int64_t g = 0; g < G; ++g) project(W.w_ih + h, 2 * h, ctxT.data() + g * h * 16, gc.data() + g * L * 16);
+    for (int64_t t = 0; t < P; ++t) {
+      float* hcur = hT.data() + (t & 1) * G * h * 16;
+      float* hnext = hT.data() + ((t + 1) & 1) * G * h * 16;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t lanes = std::min<int64_t>(16, M - g * 16);
+        const __mmask16 live = tail16(lanes);
+        const int64_t* cg = cur.data() + g * 16;
+        if (W.table) {
+          alignas(64) int32_t base[16] = {};
+          for (int64_t i = 0; i < lanes; ++i) base[i] = static_cast<int32_t>(cg[i] * 3 * h);
+          const __m512i idx = _mm512_load_si512(base);
+          for (int64_t q = 0; q < 3; ++q)
+            for (int64_t j = 0; j < nu; ++j)
+              _mm512_storeu_ps(ge.data() + (q * nu + j) * 16,
+                               _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, W.table + q * h + u0 + j, 4));
+        } else {
+          std::fill(xT.data(), xT.data() + h * 16, 0.f);
+          for (int64_t i = 0; i < lanes; ++i)
+            for (int64_t k = 0; k < h; ++k) xT[k * 16 + i] = W.emb[cg[i] * h + k];
+          project(W.w_ih, 2 * h, xT.data(), ge.data());
+        }
+        const float* hc = hcur + g * h * 16;
+        if (t > 0) project(W.w_hh, h, hc, gh.data());
+        const float* gcg = gc.data() + g * L * 16;
+        const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+        for (int64_t j = 0; j < nu; ++j) {  // gate_row, unit j of all lanes
+          const int64_t u = u0 + j;
+          auto at = [&](const float* b, int64_t q) { return _mm512_loadu_ps(b + (q * nu + j) * 16); };
+          __m512 hr = _mm512_set1_ps(W.b_hh[u]), hz = _mm512_set1_ps(W.b_hh[h + u]), hn = _mm512_set1_ps(W.b_hh[2 * h + u]);
+          if (t > 0) {
+            hr = _mm512_add_ps(hr, at(gh.data(), 0));
+            hz = _mm512_add_ps(hz, at(gh.data(), 1));
+            hn = _mm512_add_ps(hn, at(gh.data(), 2));
+          }
+          const __m512 ar = _mm512_add_ps(_mm512_add_ps(at(ge.data(), 0), at(gcg, 0)),
+                                          _mm512_add_ps(_mm512_set1_ps(W.b_ih[u]), hr));
+          const __m512 az = _mm512_add_ps(_mm512_add_ps(at(ge.data(), 1), at(gcg, 1)),
+                                          _mm512_add_ps(_mm512_set1_ps(W.b_ih[h + u]), hz));
+          const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), ar))));
+          const __m512 z = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), az))));
+          const __m512 an = _mm512_fmadd_ps(
+              r, hn, _mm512_add_ps(_mm512_add_ps(at(ge.data(), 2), at(gcg, 2)), _mm512_set1_ps(W.b_ih[2 * h + u])));
+          const __m512 n = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, exp16(_mm512_mul_ps(two, an)))));
+          const __m512 hp = t > 0 ? _mm512_loadu_ps(hc + u * 16) : _mm512_setzero_ps();
+          _mm512_storeu_ps(hnext + (g * h + u) * 16, _mm512_fmadd_ps(z, _mm512_sub_ps(hp, n), n));
+        }
+      }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+      if (t < forced) {
+        for (int64_t i = 0; i < M; ++i) cur[i] = prefix[i * forced + t];
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          float* lg = logT.data() + g * kVocab * 16;
+          lanes_product(hw + v0 * h, h, v1 - v0, h, hnext + g * h * 16, lg + v0 * 16);
+          for (int64_t v = v0; v < v1; ++v)
+            _mm512_storeu_ps(lg + v * 16, _mm512_add_ps(_mm512_loadu_ps(lg + v * 16), _mm512_set1_ps(hb[v])));
+        }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        if (greedy) {  // argmax_row of every lane: the first index of the maximum
+          for (int64_t g = 0; g < G; ++g) {
+            const float* lg = logT.data() + g * kVocab * 16;
+            __m512 best = _mm512_loadu_ps(lg);
+            __m512i arg = _mm512_setzero_si512();
+            for (int64_t v = 1; v < kVocab; ++v) {
+              const __m512 x = _mm512_loadu_ps(lg + v * 16);
+              const __mmask16 gt = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
+              best = _mm512_mask_blend_ps(gt, best, x);
+              arg = _mm512_mask_blend_epi32(gt, arg, _mm512_set1_epi32(static_cast<int>(v)));
+            }
+            alignas(64) int32_t a[16];
+            _mm512_store_si512(a, arg);
+            for (int64_t i = 0; i < std::min<int64_t>(16, M - g * 16); ++i) cur[g * 16 + i] = a[i];
+          }
+        } else {
+          for (int64_t i = tid; i < M; i += nt) {
+            const float* lg = logT.data() + (i / 16) * kVocab * 16 + i % 16;
+            for (int64_t v = 0; v < kVocab; ++v) row[v] = lg[v * 16];
+            picked[i] = choose_byte(row.data(), sp, i, t, e.data());
+          }
+#ifdef _OPENMP
+#pragma omp barrier  // picked is next written after the next step's first barrier, once all have read it
+#endif
+          std::copy(picked.data(), picked.data() + M, cur.data());
+        }
+      }
+      if (tid == 0)
+        for (int64_t i = 0; i < M; ++i) out[i * P + t] = cur[i];
+    }
+  }
+}
+#endif
+
 Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& weight_ih, const Tensor& weight_hh,
                   const Tensor& bias_ih, const Tensor& bias_hh, const Tensor& head_weight, const Tensor& head_bias,
                   int64_t patch_size, double temperature, int64_t top_k, const std::optional<Tensor>& prefix,
-                  int64_t sos, const std::optional<Tensor>& seed) {
+                  int64_t sos, const std::optional<Tensor>& seed, const std::optional<Tensor>& byte_table) {
   check_common(context, byte_emb, weight_ih, weight_hh);
   TORCH_CHECK(patch_size >= 1, "patch_size must be >= 1");
   const auto a = acc_type(context.scalar_type());
@@ -940,11 +1104,25 @@ Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& w
   Tensor out = at::empty({M, P}, ctx.options().dtype(at::kLong));
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(h / 64)));
   const bool split = M <= kSmallM;
-  const Tensor table = split ? Tensor() : byte_table(emb, w_ih, M * P);
+  Tensor table;
+  if (byte_table.has_value()) {
+    TORCH_CHECK_VALUE(byte_table->is_cpu(), "byte_table must be on cpu, got ", byte_table->device());
+    TORCH_CHECK_VALUE(byte_table->sizes() == at::IntArrayRef({kVocab, 3 * h}), "byte_table must be [256, 3h]");
+    table = acc(*byte_table, a);
+  } else if (!split) {
+    table = agf_gru_patch::byte_table(emb, w_ih, M * P);
+  }
+  const int64_t* pp = forced ? pre.data_ptr<int64_t>() : nullptr;
+#if defined(__AVX512F__)
+  if (a == at::kFloat && split && M >= kLanesMin) {
+    sample_lanes(weights<float>(emb, w_ih, w_hh, b_ih, b_hh, table), ctx.data_ptr<float>(), hw.data_ptr<float>(),
+                 hb.data_ptr<float>(), M, P, pp, forced, sos, sp, out.data_ptr<int64_t>(), threads);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(a, "gru_patch_sample", [&] {
     using T = scalar_t;
     const auto W = weights<T>(emb, w_ih, w_hh, b_ih, b_hh, table);
-    const int64_t* pp = forced ? pre.data_ptr<int64_t>() : nullptr;
     if (split)
       sample_split(W, ctx.data_ptr<T>(), hw.data_ptr<T>(), hb.data_ptr<T>(), M, P, pp, forced, sos, sp,
                    out.data_ptr<int64_t>(), threads);
@@ -977,7 +1155,7 @@ TORCH_LIBRARY_FRAGMENT(agiformer_kernels, m) {
   m.def(
       "gru_patch_sample(Tensor context, Tensor byte_emb, Tensor weight_ih, Tensor weight_hh, Tensor bias_ih, "
       "Tensor bias_hh, Tensor head_weight, Tensor head_bias, int patch_size, float temperature, int top_k, "
-      "Tensor? prefix, int sos, Tensor? seed) -> Tensor");
+      "Tensor? prefix, int sos, Tensor? seed, Tensor? byte_table) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(agiformer_kernels, CPU, m) {

@@ -51,13 +51,14 @@ void check_inputs(const Tensor& context, const Tensor& byte_emb, const Tensor& w
   TORCH_CHECK(context.size(0) < (int64_t(1) << 31) * 16, "too many patches");
 }
 
-// byte table E·W_ih[:, :h]ᵀ [256, 3h] and gc = c·W_ih[:, h:]ᵀ + b_ih [M, 3h], in the acc dtype.
+// byte table E·W_ih[:, :h]ᵀ [256, 3h] (undefined unless with_table) and gc = c·W_ih[:, h:]ᵀ + b_ih [M, 3h],
+// in the acc dtype.
 std::pair<Tensor, Tensor> input_parts(const Tensor& context, const Tensor& byte_emb, const Tensor& weight_ih,
-                                      const Tensor& bias_ih) {
+                                      const Tensor& bias_ih, bool with_table = true) {
   const auto a = acc_of(context.scalar_type());
   const int64_t h = context.size(1);
   const Tensor w = weight_ih.to(a);
-  Tensor table = at::mm(byte_emb.to(a), w.narrow(1, 0, h).t()).contiguous();
+  Tensor table = with_table ? at::mm(byte_emb.to(a), w.narrow(1, 0, h).t()).contiguous() : Tensor();
   Tensor gc = at::addmm(bias_ih.to(a), context.to(a), w.narrow(1, h, h).t()).contiguous();
   return {table, gc};
 }
@@ -221,14 +222,21 @@ std::vector<Tensor> loss_bwd_cuda(const Tensor& grad_loss, const Tensor& context
 Tensor sample_cuda(const Tensor& context, const Tensor& byte_emb, const Tensor& weight_ih, const Tensor& weight_hh,
                    const Tensor& bias_ih, const Tensor& bias_hh, const Tensor& head_weight, const Tensor& head_bias,
                    int64_t patch_size, double temperature, int64_t top_k, const std::optional<Tensor>& prefix,
-                   int64_t sos, const std::optional<Tensor>& seed) {
+                   int64_t sos, const std::optional<Tensor>& seed, const std::optional<Tensor>& byte_table) {
   check_inputs(context, byte_emb, weight_ih, weight_hh);
   TORCH_CHECK(patch_size >= 1, "patch_size must be >= 1");
   const c10::cuda::CUDAGuard guard(context.device());
   const int64_t M = context.size(0);
   Tensor out = at::empty({M, patch_size}, context.options().dtype(at::kLong));
   if (M == 0) return out;
-  const auto [table, gc] = input_parts(context, byte_emb, weight_ih, bias_ih);
+  auto [table, gc] = input_parts(context, byte_emb, weight_ih, bias_ih, !byte_table.has_value());
+  if (byte_table.has_value()) {
+    TORCH_CHECK_VALUE(byte_table->device() == context.device(), "byte_table must be on ", context.device(), ", got ",
+                      byte_table->device());
+    TORCH_CHECK_VALUE(byte_table->sizes() == at::IntArrayRef({kVocab, 3 * context.size(1)}),
+                      "byte_table must be [256, 3h]");
+    table = byte_table->to(acc_of(context.scalar_type())).contiguous();
+  }
   const Tensor w_hh_t = weight_hh.t().contiguous(), b_hh = bias_hh.contiguous();
   const Tensor ht = head_weight.t().contiguous(), hb = head_bias.contiguous();
   Tensor pre, s;

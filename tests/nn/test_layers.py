@@ -75,6 +75,23 @@ def test_head_prefix_forces_bytes():
     assert torch.equal(ours.sample(latent, prefix=free[:, :3]), free)
 
 
+def test_head_cached_byte_table_samples_the_same_bytes():
+    _, ours = pair(v1.LocalAutoregressiveHead, kn.LocalAutoregressiveHead, 32, 4, 16)
+    ours = ours.float()
+    latent = torch.randn(13, 32)
+    free = ours.sample(latent)
+    with ours.cached_byte_table():
+        assert torch.equal(ours.sample(latent), free)
+        outer = ours._byte_tables
+        assert list(outer) == [(torch.float32, torch.device("cpu"))]
+        with ours.cached_byte_table():  # nested: its own tables, the outer ones come back after it
+            assert ours._byte_tables == {}
+            assert torch.equal(ours.sample(latent), free)
+        assert ours._byte_tables is outer
+        assert torch.equal(ours.sample(latent), free)
+    assert ours._byte_tables is None
+
+
 @pytest.mark.parametrize("window", [1, 5, 64])
 def test_streaming_equals_full_sequence(window):
     """prefill on a prefix + one step per position reproduces the full forward, window wrap included."""

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from agiformer_kernels import BackendError, gru_patch_decode, gru_patch_loss, gru_patch_sample
+from agiformer_kernels import BackendError, gru_patch_byte_table, gru_patch_decode, gru_patch_loss, gru_patch_sample
 from agiformer_kernels.ops.gru_patch import reference as R
 from tests.utils import assert_close, assert_low_precision_close
 
@@ -379,6 +379,57 @@ def test_sample_same_bytes_as_reference_for_same_seed(backend, M, P, h):
     assert torch.equal(out.cpu(), ref.cpu())
 
 
+TABLE_SHAPES = [(1, 4, 256), (13, 3, 40), (16, 4, 200), (40, 4, 32)]  # split, lanes (2), tiled on the CPU
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M,P,h", TABLE_SHAPES, ids=[shape_id(*s) for s in TABLE_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_sample_with_byte_table_equals_without(backend, M, P, h, dtype):
+    """A byte table built once gives the bytes the call gets when it builds its own (greedy and seeded)."""
+    device = device_of(backend)
+    x, _ = make_inputs(M, P, h, dtype, device, head_scale=4.0)
+    table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
+    assert table.dtype == R.acc_dtype(dtype) and table.shape == (256, 3 * h)
+    prefix = torch.randint(0, 256, (M, 1), generator=torch.Generator().manual_seed(4)).to(device)
+    for kw in (dict(), dict(prefix=prefix), dict(temperature=0.9, top_k=40), dict(temperature=1.2, prefix=prefix)):
+        def run(**extra):
+            gen = torch.Generator(device=device).manual_seed(8)
+            return gru_patch_sample(*sample_args(x), patch_size=P, generator=gen, backend=backend, **kw, **extra)
+
+        assert torch.equal(run(byte_table=table), run()), kw
+
+
+def test_byte_table_is_the_byte_part_of_the_input_projection():
+    x, _ = make_inputs(3, 2, 24, torch.float64)
+    h = 24
+    expected = x["byte_emb"] @ x["weight_ih"][:, :h].T
+    assert_close("table", gru_patch_byte_table(x["byte_emb"], x["weight_ih"]), expected, tol=1e-12)
+    bf16 = gru_patch_byte_table(x["byte_emb"].bfloat16(), x["weight_ih"].bfloat16())
+    assert bf16.dtype == torch.float32
+    with pytest.raises(ValueError, match="weight_ih"):
+        gru_patch_byte_table(x["byte_emb"], x["weight_hh"])
+    with pytest.raises(ValueError, match="weight_ih has dtype"):
+        gru_patch_byte_table(x["byte_emb"], x["weight_ih"].float())
+
+
+def test_sample_rejects_bad_byte_table():
+    x, _ = make_inputs(2, 3, 16, torch.float32)
+    table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
+
+    def sample(t):
+        return gru_patch_sample(*sample_args(x), patch_size=3, byte_table=t)
+
+    with pytest.raises(ValueError, match=r"byte_table must have shape \[256, 3h\]"):
+        sample(table[:, :-1])
+    with pytest.raises(TypeError, match="byte_table must be torch.float32"):
+        sample(table.double())
+    with pytest.raises(TypeError, match="byte_table must be a torch.Tensor"):
+        sample(table.tolist())
+    with pytest.raises(ValueError, match="byte_table"):  # the C++ op checks it too, for direct callers
+        torch.ops.agiformer_kernels.gru_patch_sample(*sample_args(x), 3, 0.0, 0, None, 0, None, table[:1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sample_generator_state(backend):
     device = device_of(backend)
@@ -479,8 +530,11 @@ def test_cpu_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
     x, b = make_inputs(5, 3, 16, torch.float32)
     seed = R.draw_seed(torch.Generator().manual_seed(0), torch.device("cpu"))
-    torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed))
-    torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 3, 0.0, 0, None, 0, None))
+    table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
+    torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed, table))
+    torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 3, 0.0, 0, None, 0, None, None))
+    big = make_inputs(40, 3, 16, torch.float32)[0]  # the lanes kernel (M >= 11)
+    torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(big), 3, 0.0, 0, None, 0, None, None))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -132,7 +132,7 @@ def test_opcheck():
     torch.library.opcheck(T.decode_fwd, (*decode_args(x, b), True))
     torch.library.opcheck(T.loss_fwd, (*loss_args(x, b), 3, True))
     seed = R.draw_seed(torch.Generator(DEVICE).manual_seed(0), torch.device(DEVICE))
-    torch.library.opcheck(T.sample_op, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed))
+    torch.library.opcheck(T.sample_op, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed, None))
 
 
 def test_gradients_of_unused_outputs_are_skipped():

@@ -17,9 +17,11 @@ from . import cpp, reference  # noqa: F401  (register the "cpu"/"cuda" and "refe
 
 if importlib.util.find_spec("triton") is not None:
     from . import triton  # noqa: F401  (registers the "triton" backends)
-from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB
+from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
+_INF = float("inf")
+_ACC = {dt: acc_dtype(dt) for dt in FLOAT_DTYPES}
 
 
 def _weights_ok(context, *others) -> bool:
@@ -30,7 +32,7 @@ def _weights_ok(context, *others) -> bool:
     dtype, device = context.dtype, context.device
     shapes = ((VOCAB, h), (3 * h, 2 * h), (3 * h, h), (3 * h,), (3 * h,), (VOCAB, h), (VOCAB,))
     for t, shape in zip(others, shapes):
-        if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device or t.shape != shape:
+        if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.shape != shape or t.device != device:
             return False
     return h >= 1
 
@@ -81,6 +83,34 @@ def _check_byte_int(name: str, value: object) -> int:
     if not 0 <= value < VOCAB:
         raise ValueError(f"{name} must be a byte value in 0..255, got {value}")
     return value
+
+
+def gru_patch_byte_table(byte_emb: torch.Tensor, weight_ih: torch.Tensor) -> torch.Tensor:
+    """The byte part of the GRU's input projection for all 256 bytes: ``byte_emb·weight_ih[:, :h]ᵀ``
+    ``[256, 3h]`` in the accumulation dtype (fp32, fp64 for fp64 weights), without gradient. Step t's input
+    projection is row b_t of it plus ``weight_ih[:, h:]·context``. Pass it to ``gru_patch_sample`` to
+    build it once for many calls with the same weights."""
+    check_float("byte_emb", byte_emb, 2)
+    check_float("weight_ih", weight_ih, 2)
+    check_same(["byte_emb", "weight_ih"], [byte_emb, weight_ih], "dtype")
+    check_same(["byte_emb", "weight_ih"], [byte_emb, weight_ih], "device")
+    h = byte_emb.shape[1]
+    check_shape("byte_emb", byte_emb, (VOCAB, h), "[256, h]")
+    check_shape("weight_ih", weight_ih, (3 * h, 2 * h), "[3h, 2h]")
+    a = acc_dtype(byte_emb.dtype)
+    with torch.no_grad():
+        return (byte_emb.to(a) @ weight_ih[:, :h].to(a).T).contiguous()
+
+
+def _check_byte_table(table: object, context: torch.Tensor) -> None:
+    check_float("byte_table", table, 2)
+    h = context.shape[1]
+    check_shape("byte_table", table, (VOCAB, 3 * h), "[256, 3h]")
+    a = acc_dtype(context.dtype)
+    if table.dtype != a:
+        raise TypeError(f"byte_table must be {a} (the accumulation dtype of {context.dtype}), got {table.dtype}")
+    if table.device != context.device:
+        raise ValueError(f"byte_table is on {table.device} but context is on {context.device}")
 
 
 def gru_patch_decode(
@@ -168,6 +198,7 @@ def gru_patch_sample(
     prefix: Optional[torch.Tensor] = None,
     sos: int = 0,
     generator: Optional[torch.Generator] = None,
+    byte_table: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Sample each patch's bytes, feeding every byte back as the next step's input (inference only).
@@ -184,12 +215,32 @@ def gru_patch_sample(
         sos: the byte fed at step 0.
         generator: seeds the in-kernel counter-based RNG (one draw per call when temperature > 0):
             the same generator state gives the same bytes. None: the default generator.
+        byte_table: ``gru_patch_byte_table(byte_emb, weight_ih)`` of these weights, or None to build it
+            in the call. A caller that samples many times with the same weights (generation) builds it
+            once: it is a 256×3h×h GEMM, several times the rest of a call at small M. A table of other
+            weights gives wrong bytes: it is not checked against them.
 
     Returns:
         ``[M, patch_size]`` int64 bytes.
     """
     head = (head_weight, head_bias)
     _check_weights(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head)
+    if not (type(patch_size) is int and patch_size >= 1 and type(temperature) is float and 0 <= temperature < _INF
+            and top_k is None and prefix is None and type(sos) is int and 0 <= sos < VOCAB and generator is None):
+        patch_size, temperature, top_k, sos = _check_sample_args(context, patch_size, temperature, top_k, prefix, sos,
+                                                                 generator)
+    if byte_table is not None and not (isinstance(byte_table, torch.Tensor) and byte_table.dtype is _ACC[context.dtype]
+                                       and byte_table.shape == (VOCAB, 3 * context.shape[1])
+                                       and byte_table.device == context.device):
+        _check_byte_table(byte_table, context)
+    args = (context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
+    return backends.select(SAMPLE_OP, backend, context.device, *args)(
+        *args, patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
+        generator=generator, byte_table=byte_table)
+
+
+def _check_sample_args(context, patch_size, temperature, top_k, prefix, sos, generator):
+    """gru_patch_sample's scalar arguments, checked: (patch_size, temperature as a float, top_k, sos)."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int):
         raise TypeError(f"patch_size must be an int, got {type(patch_size).__name__}")
     if patch_size < 1:
@@ -211,11 +262,7 @@ def gru_patch_sample(
     sos = _check_byte_int("sos", sos)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    args = (context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
-    kwargs = dict(patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
-                  generator=generator)
-    with torch.no_grad():
-        return backends.select(SAMPLE_OP, backend, context.device, *args, **kwargs)(*args, **kwargs)
+    return patch_size, temperature, top_k, sos
 
 
-__all__ = ["gru_patch_decode", "gru_patch_loss", "gru_patch_sample"]
+__all__ = ["gru_patch_byte_table", "gru_patch_decode", "gru_patch_loss", "gru_patch_sample"]

@@ -7,7 +7,8 @@ fp16/bf16 call (empty otherwise), both only when ``save`` (a backward will follo
 the accumulation dtype; with ``head_grad`` (CPU, mean/sum reductions) the last three are the head's backward
 taken in the forward, to be scaled by the scalar upstream gradient; otherwise they are empty and the
 backward recomputes each tile's logits from the saved log-sum-exp.
-``gru_patch_sample`` takes the seed words drawn from the generator (``reference.draw_seed``).
+``gru_patch_sample`` takes the seed words drawn from the generator (``reference.draw_seed``) and the optional
+byte table (``gru_patch_byte_table``).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _register_python_side() -> None:
 
     @torch.library.register_fake("agiformer_kernels::gru_patch_sample")
     def _sample_fake(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size,
-                     temperature, top_k, prefix, sos, seed):
+                     temperature, top_k, prefix, sos, seed, byte_table):
         return context.new_empty(context.shape[0], patch_size, dtype=torch.int64)
 
     def decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
@@ -156,11 +157,11 @@ def loss_cpp(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh,
 
 
 def sample_cpp(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, patch_size,
-               temperature, top_k, prefix, sos, generator):
+               temperature, top_k, prefix, sos, generator, byte_table):
     _register_python_side()
     seed = draw_seed(generator, context.device) if temperature > 0 else None
     return _ops.gru_patch_sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
-                                 patch_size, temperature, top_k or 0, prefix, sos, seed)
+                                 patch_size, temperature, top_k or 0, prefix, sos, seed, byte_table)
 
 
 # csrc/gru_patch/gru_patch_cuda.h: kMaxHidden, kMaxHiddenDouble (shared-memory tiles of [16, h])

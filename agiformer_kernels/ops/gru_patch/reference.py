@@ -189,20 +189,21 @@ def loss(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, hea
     return out.view(targets.shape) if reduction == "none" else out
 
 
+@torch.no_grad()
 def sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
-           patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, generator=None) -> torch.Tensor:
+           patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, generator=None, byte_table=None) -> torch.Tensor:
     seed = None if temperature == 0 else draw_seed(generator, context.device)
     return sample_seeded(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
                          patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
-                         seed=seed)
+                         seed=seed, byte_table=byte_table)
 
 
 def sample_seeded(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
-                  patch_size, temperature, top_k, prefix, sos, seed) -> torch.Tensor:
+                  patch_size, temperature, top_k, prefix, sos, seed, byte_table=None) -> torch.Tensor:
     M, hdim = context.shape
     rows = torch.arange(M, device=context.device)
     forced = 0 if prefix is None else prefix.shape[1]
-    table = byte_emb @ weight_ih[:, :hdim].T
+    table = byte_emb @ weight_ih[:, :hdim].T if byte_table is None else byte_table.to(context.dtype)
     gc = F.linear(context, weight_ih[:, hdim:], bias_ih)
     h = context.new_zeros(context.shape)
     b = torch.full((M,), sos, dtype=torch.int64, device=context.device)

@@ -382,12 +382,13 @@ class _Config:
         return dict(ACC=self.acc, PRECISION=self.precision, UPCAST=self.upcast)
 
 
-def _input_parts(context, byte_emb, weight_ih, bias_ih):
-    """The byte table [256, 3h] and gc = c·W_ih[:, h:]ᵀ + b_ih [M, 3h], in the accumulation dtype: one GEMM each."""
+def _input_parts(context, byte_emb, weight_ih, bias_ih, table=None):
+    """The byte table [256, 3h] (unless given) and gc = c·W_ih[:, h:]ᵀ + b_ih [M, 3h], in the accumulation dtype:
+    one GEMM each."""
     a = acc_dtype(context.dtype)
     h = context.shape[1]
     w_ih = weight_ih.to(a)
-    table = (byte_emb.to(a) @ w_ih[:, :h].T).contiguous()
+    table = (byte_emb.to(a) @ w_ih[:, :h].T if table is None else table.to(a)).contiguous()
     gc = F.linear(context.to(a), w_ih[:, h:], bias_ih.to(a)).contiguous()
     return table, gc
 
@@ -576,13 +577,13 @@ loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
 def sample_op(context: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
               bias_ih: torch.Tensor, bias_hh: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,
               patch_size: int, temperature: float, top_k: int, prefix: torch.Tensor | None,
-              sos: int, seed: torch.Tensor | None) -> torch.Tensor:
+              sos: int, seed: torch.Tensor | None, byte_table: torch.Tensor | None) -> torch.Tensor:
     M, h = context.shape
     cfg = _Config(h, context.dtype, context.device)
     out = torch.empty(M, patch_size, dtype=torch.int64, device=context.device)
     if M == 0:
         return out
-    table, gc = _input_parts(context, byte_emb, weight_ih, bias_ih)
+    table, gc = _input_parts(context, byte_emb, weight_ih, bias_ih, byte_table)
     scratch = torch.empty(2, M, h, dtype=table.dtype, device=context.device)
     forced = 0 if prefix is None else prefix.shape[1]
     pre = out if forced == 0 else prefix.to(torch.int64).contiguous()
@@ -597,7 +598,7 @@ def sample_op(context: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Te
 
 @sample_op.register_fake
 def _(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size, temperature,
-      top_k, prefix, sos, seed):
+      top_k, prefix, sos, seed, byte_table):
     return context.new_empty(context.shape[0], patch_size, dtype=torch.int64)
 
 
@@ -627,13 +628,14 @@ def loss_triton(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_
     return loss
 
 
+@torch.no_grad()
 def sample_triton(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, patch_size,
-                  temperature, top_k, prefix, sos, generator):
+                  temperature, top_k, prefix, sos, generator, byte_table):
     seed = draw_seed(generator, context.device) if temperature > 0 else None
     if prefix is not None and prefix.shape[1] == 0:
         prefix = None
     return sample_op(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size,
-                     temperature, top_k or 0, prefix, sos, seed)
+                     temperature, top_k or 0, prefix, sos, seed, byte_table)
 
 
 def _check(context, *args, **kwargs):
