@@ -447,9 +447,10 @@ void dot_rows(int64_t m, const T* const* x, const T* W, int64_t ldw, int64_t n, 
 #if defined(__AVX512F__)
 // Patches in vector lanes: yT[j][0..15] = Σ_k W[j·ldw + k]·xT[k][0..15] for j < n, where xT holds up to 16
 // patches' inputs transposed (lane = patch). Each k-step is one vector load and JB broadcast FMAs, with no
-// horizontal sums and the weights in their own row-major layout; 16 accumulators (24 spill with GCC).
+// horizontal sums and the weights in their own row-major layout; 16 accumulators (24 spill with GCC). Not
+// inlined: inside the sampler GCC runs out of registers for the 16 row pointers and reloads them per FMA.
 template <int JB>
-inline void lanes_block(const float* W, int64_t ldw, int64_t k, const float* xT, float* yT) {
+__attribute__((noinline)) void lanes_block(const float* W, int64_t ldw, int64_t k, const float* xT, float* yT) {
   __m512 acc[JB];
   for (int j = 0; j < JB; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
@@ -959,8 +960,9 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
   Scratch<int64_t> picked(M);  // sampling: the rows' bytes, each row picked by one thread
   std::fill(ctxT.data(), ctxT.data() + G * h * 16, 0.f);
   std::fill(hT.data(), hT.data() + 2 * G * h * 16, 0.f);
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t k = 0; k < h; ++k) ctxT[((i / 16) * h + k) * 16 + i % 16] = ctx[i * h + k];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t k = 0; k < h; ++k)
+      for (int64_t i = g * 16; i < std::min(M, g * 16 + 16); ++i) ctxT[(g * h + k) * 16 + i % 16] = ctx[i * h + k];
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
@@ -976,7 +978,8 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
     const int64_t nu = u1 - u0, L = 3 * nu;
     Scratch<float> gc(G * L * 16), gh(L * 16), ge(L * 16), xT(W.table ? 0 : h * 16), e(kVocab), row(kVocab);
     std::vector<int64_t> cur(G * 16, sos);  // every thread's own copy of the bytes fed next
-    // own rows of a [3h, ldw] weight (from column c0) times group g's transposed inputs: y[q·nu + j][lanes]
+    // own rows of a [3h, ·] weight (w points at its first column used) times transposed inputs x [h][16]:
+    // y[q·nu + j][lanes]
     auto project = [&](const float* w, int64_t ldw, const float* x, float* y) {
       for (int64_t q = 0; q < 3 && nu > 0; ++q) lanes_product(w + (q * h + u0) * ldw, ldw, nu, h, x, y + q * nu * 16);
     };
