@@ -30,6 +30,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -1080,12 +1081,93 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
 }
 #endif
 
+// The public gru_patch_sample calls this op without its Python tensor checks (at M = 1 they cost a quarter
+// of the call), so it checks every tensor argument itself, naming it, with the same exception types:
+// TypeError for a dtype that is not a float (an index for prefix), ValueError for shapes, dtype and
+// device mismatches and byte values.
+inline bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(t);
+  }
+}
+
+void check_sample_inputs(const Tensor& context, const std::vector<std::pair<const char*, const Tensor*>>& weights,
+                         int64_t patch_size, double temperature, int64_t top_k, int64_t sos,
+                         const std::optional<Tensor>& prefix, const std::optional<Tensor>& byte_table) {
+  TORCH_CHECK_TYPE(is_float(context.scalar_type()), "context must be float16, bfloat16, float32 or float64, got ", dtype_name(context.scalar_type()));
+  TORCH_CHECK_VALUE(context.dim() == 2 && context.size(1) >= 1, "context must have shape [M, h] with h >= 1, got ",
+                    context.sizes());
+  const int64_t h = context.size(1);
+  for (const auto& [name, t] : weights) {
+    TORCH_CHECK_TYPE(is_float(t->scalar_type()), name, " must be float16, bfloat16, float32 or float64, got ",
+                     dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->scalar_type() == context.scalar_type(), name, " has dtype ", dtype_name(t->scalar_type()),
+                      " but context has ", dtype_name(context.scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == context.device(), name, " has device ", t->device(), " but context has ",
+                      context.device());
+  }
+  const int64_t G = 3 * h;
+  const std::vector<std::vector<int64_t>> shapes = {{kVocab, h}, {G, 2 * h}, {G, h}, {G}, {G}, {kVocab, h}, {kVocab}};
+  const char* meanings[] = {"[256, h]", "[3h, 2h]", "[3h, h]", "[3h]", "[3h]", "[256, h]", "[256]"};
+  for (size_t i = 0; i < weights.size(); ++i)
+    TORCH_CHECK_VALUE(weights[i].second->sizes() == at::IntArrayRef(shapes[i]), weights[i].first, " must have shape ",
+                      meanings[i], " = ", at::IntArrayRef(shapes[i]), ", got ", weights[i].second->sizes());
+  TORCH_CHECK_VALUE(patch_size >= 1, "patch_size must be >= 1, got ", patch_size);
+  TORCH_CHECK_VALUE(temperature >= 0 && std::isfinite(temperature), "temperature must be finite and >= 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(top_k >= 0 && top_k <= kVocab, "top_k must be in 1..256 (0: all), got ", top_k);
+  TORCH_CHECK_VALUE(sos >= 0 && sos < kVocab, "sos must be a byte value in 0..255, got ", sos);
+  if (prefix.has_value()) {
+    TORCH_CHECK_TYPE(at::isIntegralType(prefix->scalar_type(), /*includeBool=*/false),
+                     "prefix must be an integer tensor, got ", dtype_name(prefix->scalar_type()));
+    TORCH_CHECK_VALUE(prefix->dim() == 2 && prefix->size(0) == context.size(0) && prefix->size(1) < patch_size,
+                      "prefix must have shape [M, r] with M = ", context.size(0), " and r < patch_size = ", patch_size,
+                      ", got ", prefix->sizes());
+    TORCH_CHECK_VALUE(prefix->device() == context.device(), "prefix is on ", prefix->device(), " but context is on ",
+                      context.device());
+    if (prefix->numel() > 0) {
+      const auto [lo, hi] = at::aminmax(*prefix);
+      TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < kVocab,
+                        "prefix must hold byte values in 0..255, got values in ", lo.item<int64_t>(), "..",
+                        hi.item<int64_t>());
+    }
+  }
+  if (byte_table.has_value()) {
+    const auto a = context.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_TYPE(byte_table->scalar_type() == a, "byte_table must be ", dtype_name(a),
+                     " (the accumulation dtype of ", dtype_name(context.scalar_type()), "), got ",
+                     dtype_name(byte_table->scalar_type()));
+    TORCH_CHECK_VALUE(byte_table->sizes() == at::IntArrayRef({kVocab, G}), "byte_table must have shape [256, 3h] = ",
+                      at::IntArrayRef({kVocab, G}), ", got ", byte_table->sizes());
+    TORCH_CHECK_VALUE(byte_table->device() == context.device(), "byte_table is on ", byte_table->device(),
+                      " but context is on ", context.device());
+  }
+}
+
 Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& weight_ih, const Tensor& weight_hh,
                   const Tensor& bias_ih, const Tensor& bias_hh, const Tensor& head_weight, const Tensor& head_bias,
                   int64_t patch_size, double temperature, int64_t top_k, const std::optional<Tensor>& prefix,
                   int64_t sos, const std::optional<Tensor>& seed, const std::optional<Tensor>& byte_table) {
-  check_common(context, byte_emb, weight_ih, weight_hh);
-  TORCH_CHECK(patch_size >= 1, "patch_size must be >= 1");
+  check_sample_inputs(context,
+                      {{"byte_emb", &byte_emb}, {"weight_ih", &weight_ih}, {"weight_hh", &weight_hh},
+                       {"bias_ih", &bias_ih}, {"bias_hh", &bias_hh}, {"head_weight", &head_weight},
+                       {"head_bias", &head_bias}},
+                      patch_size, temperature, top_k, sos, prefix, byte_table);
+  AGF_CHECK_DEVICE(context, at::kCPU);
   const auto a = acc_type(context.scalar_type());
   const Tensor ctx = acc(context, a), emb = acc(byte_emb, a), w_ih = acc(weight_ih, a), w_hh = acc(weight_hh, a),
                b_ih = acc(bias_ih, a), b_hh = acc(bias_hh, a), hw = acc(head_weight, a), hb = acc(head_bias, a);
@@ -1102,15 +1184,12 @@ Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& w
   if (prefix.has_value() && prefix->numel() > 0) {
     pre = prefix->to(at::kLong).contiguous();
     forced = pre.size(1);
-    TORCH_CHECK(pre.size(0) == M && forced < P, "prefix must be [M, r] with r < patch_size");
   }
   Tensor out = at::empty({M, P}, ctx.options().dtype(at::kLong));
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(h / 64)));
   const bool split = M <= kSmallM;
   Tensor table;
   if (byte_table.has_value()) {
-    TORCH_CHECK_VALUE(byte_table->is_cpu(), "byte_table must be on cpu, got ", byte_table->device());
-    TORCH_CHECK_VALUE(byte_table->sizes() == at::IntArrayRef({kVocab, 3 * h}), "byte_table must be [256, 3h]");
     table = acc(*byte_table, a);
   } else if (!split) {
     table = agf_gru_patch::byte_table(emb, w_ih, M * P);

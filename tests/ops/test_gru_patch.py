@@ -605,6 +605,30 @@ def test_decode_rejects_bad_inputs(name, value, error):
         _decode(_bad(name, value))
 
 
+SAMPLE_BAD = [
+    ("context", torch.zeros(4, 3, 8), ValueError),
+    ("context", torch.zeros(4, 8, dtype=torch.int64), TypeError),
+    ("byte_emb", torch.zeros(255, 8), ValueError),
+    ("weight_ih", torch.zeros(24, 8), ValueError),
+    ("weight_hh", torch.zeros(24, 8, dtype=torch.float64), ValueError),
+    ("bias_ih", torch.zeros(24, dtype=torch.int32), TypeError),
+    ("head_weight", [0.0] * 8, TypeError),
+    ("weight_hh", None, TypeError),
+    ("head_bias", torch.zeros(255), ValueError),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name,value,error", SAMPLE_BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(SAMPLE_BAD)])
+def test_sample_rejects_bad_tensors(backend, name, value, error):
+    """The C++ op checks its own tensor arguments (the public function skips its Python checks for it):
+    the same exception types, naming the argument, as the Python checks in front of the other backends."""
+    x, b = make_inputs(4, 3, 8, torch.float32)
+    args = [value if n == name else x[n] for n in FLOAT_NAMES]
+    with pytest.raises(error, match=name):
+        gru_patch_sample(*args, patch_size=3, backend=backend)
+
+
 def test_loss_and_sample_reject_bad_arguments():
     x, b = make_inputs(4, 3, 8, torch.float32)
     args = loss_args(x, b)

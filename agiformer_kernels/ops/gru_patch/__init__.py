@@ -21,7 +21,6 @@ from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 _INF = float("inf")
-_ACC = {dt: acc_dtype(dt) for dt in FLOAT_DTYPES}
 
 
 def _weights_ok(context, *others) -> bool:
@@ -223,23 +222,41 @@ def gru_patch_sample(
     Returns:
         ``[M, patch_size]`` int64 bytes.
     """
-    head = (head_weight, head_bias)
-    _check_weights(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head)
+    args = (context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
     if not (type(patch_size) is int and patch_size >= 1 and type(temperature) is float and 0 <= temperature < _INF
             and top_k is None and prefix is None and type(sos) is int and 0 <= sos < VOCAB and generator is None):
-        patch_size, temperature, top_k, sos = _check_sample_args(context, patch_size, temperature, top_k, prefix, sos,
-                                                                 generator)
-    if byte_table is not None and not (isinstance(byte_table, torch.Tensor) and byte_table.dtype is _ACC[context.dtype]
-                                       and byte_table.shape == (VOCAB, 3 * context.shape[1])
-                                       and byte_table.device == context.device):
-        _check_byte_table(byte_table, context)
-    args = (context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
-    return backends.select(SAMPLE_OP, backend, context.device, *args)(
-        *args, patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
-        generator=generator, byte_table=byte_table)
+        patch_size, temperature, top_k, sos = _check_sample_args(patch_size, temperature, top_k, sos, generator)
+    # The C++ op checks its own tensor arguments, naming them; for it the Python checks (a quarter of a call
+    # at M = 1) are skipped.
+    impl = None
+    if _cpu_matrix(context) and _tensors(*args) and _tensors(prefix, byte_table, optional=True):
+        impl = backends.select(SAMPLE_OP, backend, context.device, *args)
+    if impl is not cpp.sample_cpp:
+        _check_weights(*args[:6], args[6:])
+        if prefix is not None:
+            _check_prefix(prefix, context, patch_size)
+        if byte_table is not None:
+            _check_byte_table(byte_table, context)
+        impl = impl or backends.select(SAMPLE_OP, backend, context.device, *args)
+    return impl(*args, patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
+                generator=generator, byte_table=byte_table)
 
 
-def _check_sample_args(context, patch_size, temperature, top_k, prefix, sos, generator):
+def _cpu_matrix(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_cpu and t.dim() == 2
+
+
+def _tensors(*ts, optional: bool = False) -> bool:
+    return all(isinstance(t, torch.Tensor) or (optional and t is None) for t in ts)
+
+
+def _check_prefix(prefix, context, patch_size):
+    _check_bytes("prefix", prefix, context, min_steps=0)
+    if prefix.shape[1] >= patch_size:
+        raise ValueError(f"prefix must have fewer than patch_size = {patch_size} columns, got {tuple(prefix.shape)}")
+
+
+def _check_sample_args(patch_size, temperature, top_k, sos, generator):
     """gru_patch_sample's scalar arguments, checked: (patch_size, temperature as a float, top_k, sos)."""
     if isinstance(patch_size, bool) or not isinstance(patch_size, int):
         raise TypeError(f"patch_size must be an int, got {type(patch_size).__name__}")
@@ -255,10 +272,6 @@ def _check_sample_args(context, patch_size, temperature, top_k, prefix, sos, gen
             raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
         if not 1 <= top_k <= VOCAB:
             raise ValueError(f"top_k must be in 1..256, got {top_k}")
-    if prefix is not None:
-        _check_bytes("prefix", prefix, context, min_steps=0)
-        if prefix.shape[1] >= patch_size:
-            raise ValueError(f"prefix must have fewer than patch_size = {patch_size} columns, got {tuple(prefix.shape)}")
     sos = _check_byte_int("sos", sos)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
