@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agiformer_kernels import gru_patch_decode, gru_patch_loss, gru_patch_sample
+from agiformer_kernels import gru_patch_byte_table, gru_patch_decode, gru_patch_loss, gru_patch_sample
 from agiformer_kernels.ops.gru_patch import reference as R
 from tests.ops.test_gru_patch import (
     DECODE_NAMES,
@@ -83,6 +83,17 @@ def test_sample_same_bytes_as_reference_for_same_seed():
     ref = gru_patch_sample(*sample_args(x), generator=torch.Generator(DEVICE).manual_seed(8), backend="reference",
                            **kw)
     assert float((out == ref).double().mean()) >= 0.995
+
+
+def test_sample_with_byte_table_equals_without():
+    x, _ = make_inputs(5, 3, 32, F32, DEVICE, head_scale=4.0)
+    table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
+    for kw in (dict(), dict(temperature=0.9, top_k=40)):
+        def run(**extra):
+            gen = torch.Generator(DEVICE).manual_seed(8)
+            return gru_patch_sample(*sample_args(x), patch_size=3, generator=gen, backend="triton", **kw, **extra)
+
+        assert torch.equal(run(byte_table=table), run()), kw
 
 
 def test_sample_generator_state_and_top1():
