@@ -867,6 +867,30 @@ void sample_tiled(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
   });
 }
 
+// A barrier of the enclosing parallel region (an orphaned directive binds to it), or nothing without OpenMP.
+inline void omp_barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// The share of thread tid of nt in the few-patch samplers: hidden units [u0, u1), in multiples of 16 (one
+// vector), and vocabulary rows [v0, v1).
+struct Slice {
+  int tid, nt;
+  int64_t u0, u1, v0, v1;
+  explicit Slice(int64_t h) {
+#ifdef _OPENMP
+    tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    tid = 0, nt = 1;
+#endif
+    const int64_t chunks = (h + 15) / 16;
+    u0 = std::min(h, chunks * tid / nt * 16), u1 = std::min(h, chunks * (tid + 1) / nt * 16);
+    v0 = kVocab * tid / nt, v1 = kVocab * (tid + 1) / nt;
+  }
+};
+
 // Few patches: one parallel region for the whole patch; thread k owns a slice of the hidden units (its
 // rows of W_ih, W_hh) and of the vocabulary (its rows of the head), so each core streams only its
 // share of the weights. Two barriers per step: after the hidden state, after the logits; every thread
@@ -881,16 +905,9 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
 #pragma omp parallel num_threads(threads)
 #endif
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int tid = 0, nt = 1;
-#endif
-    // units [u0, u1) in multiples of 16 (one vector), vocabulary rows [v0, v1)
-    const int64_t chunks = (h + 15) / 16;
-    const int64_t u0 = std::min(h, chunks * tid / nt * 16), u1 = std::min(h, chunks * (tid + 1) / nt * 16);
-    const int64_t v0 = kVocab * tid / nt, v1 = kVocab * (tid + 1) / nt;
-    const int64_t nu = u1 - u0, L = 3 * nu;  // local gate rows [r | z | n] of the own units
+    const Slice sl(h);
+    const int64_t u0 = sl.u0, v0 = sl.v0, v1 = sl.v1;
+    const int64_t nu = sl.u1 - u0, L = 3 * nu;  // local gate rows [r | z | n] of the own units
     Scratch<T> gc(M * L), ge(M * L), gh(M * L), bih(L), bhh(L), e(kVocab);
     std::vector<const T*> x(M);
     std::vector<int64_t> cur(M, sos);
@@ -923,9 +940,7 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
       for (int64_t i = 0; i < M && nu > 0; ++i)
         gate_row(nu, ge.data() + i * L, gc.data() + i * L, t > 0 ? gh.data() + i * L : nullptr, bih.data(),
                  bhh.data(), t > 0 ? hcur + i * h + u0 : nullptr, hnext + i * h + u0, static_cast<T*>(nullptr));
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+      omp_barrier();
       if (t < forced) {
         for (int64_t i = 0; i < M; ++i) cur[i] = prefix[i * forced + t];
       } else {
@@ -934,12 +949,10 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
         dot_rows(M, x.data(), hw + v0 * h, h, v1 - v0, h, lg + v0, kVocab);
         for (int64_t i = 0; i < M; ++i)
           for (int64_t k = v0; k < v1; ++k) lg[i * kVocab + k] += hb[k];
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+        omp_barrier();
         for (int64_t i = 0; i < M; ++i) cur[i] = choose_byte(lg + i * kVocab, sp, i, t, e.data());
       }
-      if (tid == 0)
+      if (sl.tid == 0)
         for (int64_t i = 0; i < M; ++i) out[i * P + t] = cur[i];
     }
   }
@@ -968,15 +981,9 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
 #pragma omp parallel num_threads(threads)
 #endif
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int tid = 0, nt = 1;
-#endif
-    const int64_t chunks = (h + 15) / 16;
-    const int64_t u0 = std::min(h, chunks * tid / nt * 16), u1 = std::min(h, chunks * (tid + 1) / nt * 16);
-    const int64_t v0 = kVocab * tid / nt, v1 = kVocab * (tid + 1) / nt;
-    const int64_t nu = u1 - u0, L = 3 * nu;
+    const Slice sl(h);
+    const int64_t u0 = sl.u0, v0 = sl.v0, v1 = sl.v1;
+    const int64_t nu = sl.u1 - u0, L = 3 * nu;
     Scratch<float> gc(G * L * 16), gh(L * 16), ge(L * 16), xT(W.table ? 0 : h * 16), e(kVocab), row(kVocab);
     std::vector<int64_t> cur(G * 16, sos);  // every thread's own copy of the bytes fed next
     // own rows of a [3h, ·] weight (w points at its first column used) times transposed inputs x [h][16]:
@@ -1032,9 +1039,7 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
           _mm512_storeu_ps(hnext + (g * h + u) * 16, _mm512_fmadd_ps(z, _mm512_sub_ps(hp, n), n));
         }
       }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+      omp_barrier();
       if (t < forced) {
         for (int64_t i = 0; i < M; ++i) cur[i] = prefix[i * forced + t];
       } else {
@@ -1044,9 +1049,7 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
           for (int64_t v = v0; v < v1; ++v)
             _mm512_storeu_ps(lg + v * 16, _mm512_add_ps(_mm512_loadu_ps(lg + v * 16), _mm512_set1_ps(hb[v])));
         }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+        omp_barrier();
         if (greedy) {  // argmax_row of every lane: the first index of the maximum
           for (int64_t g = 0; g < G; ++g) {
             const float* lg = logT.data() + g * kVocab * 16;
@@ -1063,18 +1066,16 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
             for (int64_t i = 0; i < std::min<int64_t>(16, M - g * 16); ++i) cur[g * 16 + i] = a[i];
           }
         } else {
-          for (int64_t i = tid; i < M; i += nt) {
+          for (int64_t i = sl.tid; i < M; i += sl.nt) {
             const float* lg = logT.data() + (i / 16) * kVocab * 16 + i % 16;
             for (int64_t v = 0; v < kVocab; ++v) row[v] = lg[v * 16];
             picked[i] = choose_byte(row.data(), sp, i, t, e.data());
           }
-#ifdef _OPENMP
-#pragma omp barrier  // picked is next written after the next step's first barrier, once all have read it
-#endif
+          omp_barrier();  // picked is next written after the next step's first barrier, once all have read it
           std::copy(picked.data(), picked.data() + M, cur.data());
         }
       }
-      if (tid == 0)
+      if (sl.tid == 0)
         for (int64_t i = 0; i < M; ++i) out[i * P + t] = cur[i];
     }
   }
