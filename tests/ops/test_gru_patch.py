@@ -350,7 +350,8 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(loss, [x[k] for k in FLOAT_NAMES], fast_mode=True)
 
 
-SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (3, 8, 32), (16, 4, 256), (40, 4, 256), (1000, 4, 256), (1000, 8, 32)]
+SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (3, 8, 32), (16, 4, 256), (20, 3, 200), (40, 4, 256), (1000, 4, 256),
+                 (1000, 8, 32)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -379,7 +380,7 @@ def test_sample_same_bytes_as_reference_for_same_seed(backend, M, P, h):
     assert torch.equal(out.cpu(), ref.cpu())
 
 
-TABLE_SHAPES = [(1, 4, 256), (13, 3, 40), (16, 4, 200), (40, 4, 32)]  # split, lanes (2), tiled on the CPU
+TABLE_SHAPES = [(1, 4, 256), (13, 3, 40), (20, 4, 200), (40, 4, 32)]  # split, lanes (1 and 2 groups), tiled
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
