@@ -18,8 +18,9 @@ The issue's CPU targets (training 3x, sampling 10x at M 1 and 16, 2x at M 512) a
 ``python -m benchmarks.run --quick --op gru_patch_loss --op gru_patch_sample --op gru_patch_sample_t1 --rounds 5``.
 
 FLOPs count our formulation's useful work (2 per multiply-add): the byte table 256×3h×h where the call
-builds it (or the per-step byte projection when that is smaller; nothing when it is given), the context part M×3h×h, W_hh for the P - 1 steps after the first
-(h_0 = 0), and the head M×P×256×h; bytes count the weights, inputs and outputs once.
+builds it (or the per-step byte projection when that is smaller; nothing when it is given), the context
+part M×3h×h, W_hh for the P - 1 steps after the first (h_0 = 0), and the head M×P×256×h; bytes count the
+weights, inputs and outputs once.
 """
 
 from __future__ import annotations

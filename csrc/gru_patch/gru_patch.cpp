@@ -1020,7 +1020,8 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
         for (int64_t j = 0; j < nu; ++j) {  // gate_row, unit j of all lanes
           const int64_t u = u0 + j;
           auto at = [&](const float* b, int64_t q) { return _mm512_loadu_ps(b + (q * nu + j) * 16); };
-          __m512 hr = _mm512_set1_ps(W.b_hh[u]), hz = _mm512_set1_ps(W.b_hh[h + u]), hn = _mm512_set1_ps(W.b_hh[2 * h + u]);
+          __m512 hr = _mm512_set1_ps(W.b_hh[u]), hz = _mm512_set1_ps(W.b_hh[h + u]),
+                 hn = _mm512_set1_ps(W.b_hh[2 * h + u]);
           if (t > 0) {
             hr = _mm512_add_ps(hr, at(gh.data(), 0));
             hz = _mm512_add_ps(hz, at(gh.data(), 1));
@@ -1109,7 +1110,8 @@ inline std::string dtype_name(at::ScalarType t) {
 void check_sample_inputs(const Tensor& context, const std::vector<std::pair<const char*, const Tensor*>>& weights,
                          int64_t patch_size, double temperature, int64_t top_k, int64_t sos,
                          const std::optional<Tensor>& prefix, const std::optional<Tensor>& byte_table) {
-  TORCH_CHECK_TYPE(is_float(context.scalar_type()), "context must be float16, bfloat16, float32 or float64, got ", dtype_name(context.scalar_type()));
+  TORCH_CHECK_TYPE(is_float(context.scalar_type()), "context must be float16, bfloat16, float32 or float64, got ",
+                   dtype_name(context.scalar_type()));
   TORCH_CHECK_VALUE(context.dim() == 2 && context.size(1) >= 1, "context must have shape [M, h] with h >= 1, got ",
                     context.sizes());
   const int64_t h = context.size(1);

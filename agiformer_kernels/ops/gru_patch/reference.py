@@ -191,7 +191,8 @@ def loss(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, hea
 
 @torch.no_grad()
 def sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
-           patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, generator=None, byte_table=None) -> torch.Tensor:
+           patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, generator=None,
+           byte_table=None) -> torch.Tensor:
     seed = None if temperature == 0 else draw_seed(generator, context.device)
     return sample_seeded(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
                          patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
