@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <string>
@@ -102,6 +103,21 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 inline __mmask16 tail16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// The GRU cell on 16 values (units, or patches in lanes): r = σ(ar), z = σ(az), n = tanh(xn + r·hn),
+// h = (1 - z)·n + z·hp, from the full pre-activations ar, az, n's input part xn and its hidden part hn.
+struct Gates16 {
+  __m512 r, z, n, h;
+  Gates16(__m512 ar, __m512 az, __m512 xn, __m512 hn, __m512 hp) {
+    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+    r = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), ar))));
+    z = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), az))));
+    // tanh(a) = 1 - 2 / (1 + e^{2a}): saturates to ±1 without overflow trouble
+    const __m512 an = _mm512_fmadd_ps(r, hn, xn);
+    n = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, exp16(_mm512_mul_ps(two, an)))));
+    h = _mm512_fmadd_ps(z, _mm512_sub_ps(hp, n), n);
+  }
+};
 #endif
 
 template <typename T>
@@ -136,7 +152,6 @@ inline void gate_row(int64_t h, const T* ge, const T* gc, const T* gh, const T* 
   int64_t j = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
     for (; j < h; j += 16) {
       const __mmask16 m = tail16(h - j);
       auto ld = [m](const float* p) { return _mm512_maskz_loadu_ps(m, p); };
@@ -149,18 +164,13 @@ inline void gate_row(int64_t h, const T* ge, const T* gc, const T* gh, const T* 
       const __m512 ar = _mm512_add_ps(_mm512_add_ps(ld(ge + j), ld(gc + j)), _mm512_add_ps(ld(bih + j), hr));
       const __m512 az =
           _mm512_add_ps(_mm512_add_ps(ld(ge + h + j), ld(gc + h + j)), _mm512_add_ps(ld(bih + h + j), hz));
-      const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), ar))));
-      const __m512 z = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), az))));
-      const __m512 an = _mm512_fmadd_ps(
-          r, hn, _mm512_add_ps(_mm512_add_ps(ld(ge + 2 * h + j), ld(gc + 2 * h + j)), ld(bih + 2 * h + j)));
-      // tanh(a) = 1 - 2 / (1 + e^{2a}): saturates to ±1 without overflow trouble
-      const __m512 n = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, exp16(_mm512_mul_ps(two, an)))));
-      const __m512 hp = hprev ? ld(hprev + j) : _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(hnew + j, m, _mm512_fmadd_ps(z, _mm512_sub_ps(hp, n), n));
+      const __m512 xn = _mm512_add_ps(_mm512_add_ps(ld(ge + 2 * h + j), ld(gc + 2 * h + j)), ld(bih + 2 * h + j));
+      const Gates16 g(ar, az, xn, hn, hprev ? ld(hprev + j) : _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(hnew + j, m, g.h);
       if (save) {
-        _mm512_mask_storeu_ps(save + j, m, r);
-        _mm512_mask_storeu_ps(save + h + j, m, z);
-        _mm512_mask_storeu_ps(save + 2 * h + j, m, n);
+        _mm512_mask_storeu_ps(save + j, m, g.r);
+        _mm512_mask_storeu_ps(save + h + j, m, g.z);
+        _mm512_mask_storeu_ps(save + 2 * h + j, m, g.n);
         _mm512_mask_storeu_ps(save + 3 * h + j, m, hn);
       }
     }
@@ -1016,7 +1026,6 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
         const float* hc = hcur + g * h * 16;
         if (t > 0) project(W.w_hh, h, hc, gh.data());
         const float* gcg = gc.data() + g * L * 16;
-        const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
         for (int64_t j = 0; j < nu; ++j) {  // gate_row, unit j of all lanes
           const int64_t u = u0 + j;
           auto at = [&](const float* b, int64_t q) { return _mm512_loadu_ps(b + (q * nu + j) * 16); };
@@ -1031,13 +1040,10 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
                                           _mm512_add_ps(_mm512_set1_ps(W.b_ih[u]), hr));
           const __m512 az = _mm512_add_ps(_mm512_add_ps(at(ge.data(), 1), at(gcg, 1)),
                                           _mm512_add_ps(_mm512_set1_ps(W.b_ih[h + u]), hz));
-          const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), ar))));
-          const __m512 z = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), az))));
-          const __m512 an = _mm512_fmadd_ps(
-              r, hn, _mm512_add_ps(_mm512_add_ps(at(ge.data(), 2), at(gcg, 2)), _mm512_set1_ps(W.b_ih[2 * h + u])));
-          const __m512 n = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, exp16(_mm512_mul_ps(two, an)))));
-          const __m512 hp = t > 0 ? _mm512_loadu_ps(hc + u * 16) : _mm512_setzero_ps();
-          _mm512_storeu_ps(hnext + (g * h + u) * 16, _mm512_fmadd_ps(z, _mm512_sub_ps(hp, n), n));
+          const __m512 xn =
+              _mm512_add_ps(_mm512_add_ps(at(ge.data(), 2), at(gcg, 2)), _mm512_set1_ps(W.b_ih[2 * h + u]));
+          const Gates16 cell(ar, az, xn, hn, t > 0 ? _mm512_loadu_ps(hc + u * 16) : _mm512_setzero_ps());
+          _mm512_storeu_ps(hnext + (g * h + u) * 16, cell.h);
         }
       }
       omp_barrier();
@@ -1107,7 +1113,7 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
-void check_sample_inputs(const Tensor& context, const std::vector<std::pair<const char*, const Tensor*>>& weights,
+void check_sample_inputs(const Tensor& context, std::initializer_list<std::pair<const char*, const Tensor*>> weights,
                          int64_t patch_size, double temperature, int64_t top_k, int64_t sos,
                          const std::optional<Tensor>& prefix, const std::optional<Tensor>& byte_table) {
   TORCH_CHECK_TYPE(is_float(context.scalar_type()), "context must be float16, bfloat16, float32 or float64, got ",
@@ -1124,11 +1130,15 @@ void check_sample_inputs(const Tensor& context, const std::vector<std::pair<cons
                       context.device());
   }
   const int64_t G = 3 * h;
-  const std::vector<std::vector<int64_t>> shapes = {{kVocab, h}, {G, 2 * h}, {G, h}, {G}, {G}, {kVocab, h}, {kVocab}};
-  const char* meanings[] = {"[256, h]", "[3h, 2h]", "[3h, h]", "[3h]", "[3h]", "[256, h]", "[256]"};
-  for (size_t i = 0; i < weights.size(); ++i)
-    TORCH_CHECK_VALUE(weights[i].second->sizes() == at::IntArrayRef(shapes[i]), weights[i].first, " must have shape ",
-                      meanings[i], " = ", at::IntArrayRef(shapes[i]), ", got ", weights[i].second->sizes());
+  const int64_t shapes[7][2] = {{kVocab, h}, {G, 2 * h}, {G, h}, {G, 0}, {G, 0}, {kVocab, h}, {kVocab, 0}};
+  const size_t dims[7] = {2, 2, 2, 1, 1, 2, 1};
+  const char* meanings[7] = {"[256, h]", "[3h, 2h]", "[3h, h]", "[3h]", "[3h]", "[256, h]", "[256]"};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& [name, t] = weights.begin()[i];
+    const at::IntArrayRef expected(shapes[i], dims[i]);
+    TORCH_CHECK_VALUE(t->sizes() == expected, name, " must have shape ", meanings[i], " = ", expected, ", got ",
+                      t->sizes());
+  }
   TORCH_CHECK_VALUE(patch_size >= 1, "patch_size must be >= 1, got ", patch_size);
   TORCH_CHECK_VALUE(temperature >= 0 && std::isfinite(temperature), "temperature must be finite and >= 0, got ",
                     temperature);
