@@ -350,8 +350,9 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(loss, [x[k] for k in FLOAT_NAMES], fast_mode=True)
 
 
-SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (3, 8, 32), (16, 4, 256), (20, 3, 200), (40, 4, 256), (1000, 4, 256),
-                 (1000, 8, 32)]
+# split (M < 9), lanes (9 <= M <= 32; h = 37: the k and row tails of its blocks), tiled
+SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (3, 8, 32), (9, 4, 37), (16, 4, 256), (20, 3, 200), (40, 4, 256),
+                 (1000, 4, 256), (1000, 8, 32)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -534,8 +535,8 @@ def test_cpu_opcheck():
     table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
     torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed, table))
     torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 3, 0.0, 0, None, 0, None, None))
-    big = make_inputs(40, 3, 16, torch.float32)[0]  # the lanes kernel (M >= 11)
-    torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(big), 3, 0.0, 0, None, 0, None, None))
+    lanes = make_inputs(20, 3, 16, torch.float32)[0]  # the lanes kernel (9 <= M <= 32)
+    torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(lanes), 3, 0.0, 0, None, 0, None, None))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
