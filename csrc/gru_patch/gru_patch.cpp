@@ -486,6 +486,32 @@ inline void lanes_product(const float* W, int64_t ldw, int64_t n, int64_t k, con
   for (; j + 4 <= n; j += 4) lanes_block<4>(W + j * ldw, ldw, k, xT, yT + 16 * j);
   for (; j < n; ++j) lanes_block<1>(W + j * ldw, ldw, k, xT, yT + 16 * j);
 }
+
+// out[c·16 + i] = rows[i][c] for c < 16, i < 16 (rows i >= live read as zeros): a 16×16 transpose in registers,
+// unpacks within 128-bit lanes, then across them.
+inline void transpose16(const float* const* rows, int64_t live, float* out) {
+  __m512 r[16], t[16];
+  for (int64_t i = 0; i < 16; ++i) r[i] = i < live ? _mm512_loadu_ps(rows[i]) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 8; ++i) {
+    const int a = (i / 4) * 8 + i % 4;
+    t[a] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0x88);
+    t[a + 4] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    _mm512_storeu_ps(out + 16 * i, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+    _mm512_storeu_ps(out + 16 * (i + 8), _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD));
+  }
+}
 #endif
 
 // ------------------------------------------------------------------------------------------------
@@ -1018,14 +1044,21 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
         const int64_t lanes = std::min<int64_t>(16, M - g * 16);
         const __mmask16 live = tail16(lanes);
         const int64_t* cg = cur.data() + g * 16;
-        if (W.table) {
+        if (W.table) {  // the lanes' table rows, transposed 16 units at a time (a gather per unit for the rest)
           alignas(64) int32_t base[16] = {};
           for (int64_t i = 0; i < lanes; ++i) base[i] = static_cast<int32_t>(cg[i] * 3 * h);
           const __m512i idx = _mm512_load_si512(base);
-          for (int64_t q = 0; q < 3; ++q)
-            for (int64_t j = 0; j < nu; ++j)
+          for (int64_t q = 0; q < 3; ++q) {
+            int64_t j = 0;
+            for (; j + 16 <= nu; j += 16) {
+              const float* rows[16];
+              for (int64_t i = 0; i < lanes; ++i) rows[i] = W.table + base[i] + q * h + u0 + j;
+              transpose16(rows, lanes, ge.data() + (q * nu + j) * 16);
+            }
+            for (; j < nu; ++j)
               _mm512_storeu_ps(ge.data() + (q * nu + j) * 16,
                                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, W.table + q * h + u0 + j, 4));
+          }
         } else {
           std::fill(xT.data(), xT.data() + h * 16, 0.f);
           for (int64_t i = 0; i < lanes; ++i)
@@ -1068,17 +1101,28 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
         omp_barrier();
         if (greedy) {  // argmax_row of every lane: the first index of the maximum
           for (int64_t g = 0; g < G; ++g) {
+            // four independent chains (v mod 4), each from logit 0 as the sequential scan (NaNs skipped unless
+            // logit 0 is one), merged with ties to the lower index
             const float* lg = logT.data() + g * kVocab * 16;
-            __m512 best = _mm512_loadu_ps(lg);
-            __m512i arg = _mm512_setzero_si512();
-            for (int64_t v = 1; v < kVocab; ++v) {
-              const __m512 x = _mm512_loadu_ps(lg + v * 16);
-              const __mmask16 gt = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
-              best = _mm512_mask_blend_ps(gt, best, x);
-              arg = _mm512_mask_blend_epi32(gt, arg, _mm512_set1_epi32(static_cast<int>(v)));
+            __m512 best[4];
+            __m512i arg[4];
+            for (int c = 0; c < 4; ++c) best[c] = _mm512_loadu_ps(lg), arg[c] = _mm512_setzero_si512();
+            for (int64_t v = 0; v < kVocab; v += 4)
+              for (int c = 0; c < 4; ++c) {
+                const __m512 x = _mm512_loadu_ps(lg + (v + c) * 16);
+                const __mmask16 gt = _mm512_cmp_ps_mask(x, best[c], _CMP_GT_OQ);
+                best[c] = _mm512_mask_blend_ps(gt, best[c], x);
+                arg[c] = _mm512_mask_blend_epi32(gt, arg[c], _mm512_set1_epi32(static_cast<int>(v + c)));
+              }
+            for (int c = 1; c < 4; ++c) {
+              const __mmask16 take = _mm512_cmp_ps_mask(best[c], best[0], _CMP_GT_OQ) |
+                                     (_mm512_cmp_ps_mask(best[c], best[0], _CMP_EQ_OQ) &
+                                      _mm512_cmplt_epi32_mask(arg[c], arg[0]));
+              best[0] = _mm512_mask_blend_ps(take, best[0], best[c]);
+              arg[0] = _mm512_mask_blend_epi32(take, arg[0], arg[c]);
             }
             alignas(64) int32_t a[16];
-            _mm512_store_si512(a, arg);
+            _mm512_store_si512(a, arg[0]);
             for (int64_t i = 0; i < std::min<int64_t>(16, M - g * 16); ++i) cur[g * 16 + i] = a[i];
           }
         } else {

@@ -381,6 +381,21 @@ def test_sample_same_bytes_as_reference_for_same_seed(backend, M, P, h):
     assert torch.equal(out.cpu(), ref.cpu())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M", [1, 16, 40], ids=["split", "lanes", "tiled"])
+@pytest.mark.parametrize("maxima", [(10, 5, 203, 2), (0, 5)], ids=["inner", "first"])
+def test_greedy_ties_take_the_first_index(backend, M, maxima):
+    """Logits equal at several bytes (of different residues mod 4: the lanes argmax runs four chains) give
+    the first of them, as torch.argmax."""
+    device = device_of(backend)
+    x, _ = make_inputs(M, 3, 32, torch.float32, device)
+    x["head_weight"] = torch.zeros_like(x["head_weight"])
+    x["head_bias"] = torch.zeros_like(x["head_bias"])
+    x["head_bias"][list(maxima)] = 1.0
+    out = gru_patch_sample(*sample_args(x), patch_size=3, backend=backend)
+    assert (out == min(maxima)).all()
+
+
 TABLE_SHAPES = [(1, 4, 256), (13, 3, 40), (20, 4, 200), (40, 4, 32)]  # split, lanes (1 and 2 groups), tiled
 
 
