@@ -49,8 +49,9 @@ namespace agf_gru_patch {
 using at::Tensor;
 constexpr int64_t kVocab = 256;
 constexpr int64_t kTile = 128;      // patches per work item of the tiled kernels
-constexpr int64_t kSmallM = 32;    // sampling at M <= kSmallM splits units across threads instead
-constexpr int64_t kLanesMin = 9;   // ... and from this M on (fp32), puts the patches in vector lanes
+constexpr int64_t kSmallM = 32;    // sampling at M <= kSmallM splits units across threads instead,
+constexpr int64_t kLanesMin = 11;  // and in fp32 from kLanesMin to kLanesMax patches puts them in vector
+constexpr int64_t kLanesMax = 128; // lanes (fastest there, measured; the tiles' GEMMs are from ~200 on)
 constexpr int64_t kTableMin = 512; // build the byte table when M·P >= this (it costs 256 rows)
 
 // ------------------------------------------------------------------------------------------------
@@ -1004,12 +1005,13 @@ void sample_split(const Weights<T>& W, const T* ctx, const T* hw, const T* hb, i
 }
 
 #if defined(__AVX512F__)
-// Some patches (fp32, kLanesMin <= M <= kSmallM): the split of sample_split (units and vocabulary across
+// Some patches (fp32, kLanesMin <= M <= kLanesMax): the split of sample_split (units and vocabulary across
 // threads), with the patches in vector lanes, groups of 16: the hidden state, gates and logits are kept
 // transposed ([unit][patch]) and every product is lanes_product, which runs near the FMA peak where
-// dot_rows' few-row tiles do not. The byte part is a gather from the table (or, without one, a product
-// with the gathered embeddings). Greedy picks the bytes of all lanes at once; sampling splits the rows
-// across threads (one more barrier) and runs choose_byte on each row.
+// dot_rows' few-row tiles do not (nor, below ~200 patches, the tiles' GEMMs). The byte part is the table
+// rows transposed into the lanes (or, without a table, a product with the gathered embeddings). Greedy
+// picks the bytes of all lanes at once; sampling splits the rows across threads (one more barrier) and
+// runs choose_byte on each row.
 void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, const float* hb, int64_t M, int64_t P,
                   const int64_t* prefix, int64_t forced, int64_t sos, const SampleParams& sp, int64_t* out,
                   int threads) {
@@ -1253,7 +1255,12 @@ Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& w
   }
   Tensor out = at::empty({M, P}, ctx.options().dtype(at::kLong));
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(h / 64)));
-  const bool split = M <= kSmallM;
+#if defined(__AVX512F__)
+  const bool lanes = a == at::kFloat && M >= kLanesMin && M <= kLanesMax;
+#else
+  const bool lanes = false;
+#endif
+  const bool split = !lanes && M <= kSmallM;
   Tensor table;
   if (byte_table.has_value()) {
     table = acc(*byte_table, a);
@@ -1262,7 +1269,7 @@ Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& w
   }
   const int64_t* pp = forced ? pre.data_ptr<int64_t>() : nullptr;
 #if defined(__AVX512F__)
-  if (a == at::kFloat && split && M >= kLanesMin) {
+  if (lanes) {
     sample_lanes(weights<float>(emb, w_ih, w_hh, b_ih, b_hh, table), ctx.data_ptr<float>(), hw.data_ptr<float>(),
                  hb.data_ptr<float>(), M, P, pp, forced, sos, sp, out.data_ptr<int64_t>(), threads);
     return out;

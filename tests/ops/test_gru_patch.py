@@ -350,8 +350,8 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(loss, [x[k] for k in FLOAT_NAMES], fast_mode=True)
 
 
-# split (M < 9), lanes (9 <= M <= 32; h = 37: the k and row tails of its blocks), tiled
-SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (3, 8, 32), (9, 4, 37), (16, 4, 256), (20, 3, 200), (40, 4, 256),
+# split (M < 11), lanes (11 <= M <= 128; h = 37: the k and row tails of its blocks), tiled
+SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (3, 8, 32), (11, 4, 37), (16, 4, 256), (20, 3, 200), (40, 4, 256),
                  (1000, 4, 256), (1000, 8, 32)]
 
 
@@ -382,7 +382,7 @@ def test_sample_same_bytes_as_reference_for_same_seed(backend, M, P, h):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("M", [1, 16, 40], ids=["split", "lanes", "tiled"])
+@pytest.mark.parametrize("M", [1, 16, 200], ids=["split", "lanes", "tiled"])
 @pytest.mark.parametrize("maxima", [(10, 5, 203, 2), (0, 5)], ids=["inner", "first"])
 def test_greedy_ties_take_the_first_index(backend, M, maxima):
     """Logits equal at several bytes (of different residues mod 4: the lanes argmax runs four chains) give
@@ -396,7 +396,8 @@ def test_greedy_ties_take_the_first_index(backend, M, maxima):
     assert (out == min(maxima)).all()
 
 
-TABLE_SHAPES = [(1, 4, 256), (13, 3, 40), (20, 4, 200), (40, 4, 32)]  # split, lanes (1 and 2 groups), tiled
+# split, lanes (1, 2 and 3 groups of 16), tiled
+TABLE_SHAPES = [(1, 4, 256), (13, 3, 40), (20, 4, 200), (40, 4, 32), (140, 3, 32)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -550,7 +551,7 @@ def test_cpu_opcheck():
     table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
     torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed, table))
     torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(x), 3, 0.0, 0, None, 0, None, None))
-    lanes = make_inputs(20, 3, 16, torch.float32)[0]  # the lanes kernel (9 <= M <= 32)
+    lanes = make_inputs(20, 3, 16, torch.float32)[0]  # the lanes kernel (11 <= M <= 128)
     torch.library.opcheck(ops.gru_patch_sample.default, (*sample_args(lanes), 3, 0.0, 0, None, 0, None, None))
 
 
