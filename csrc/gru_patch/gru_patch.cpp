@@ -49,9 +49,9 @@ namespace agf_gru_patch {
 using at::Tensor;
 constexpr int64_t kVocab = 256;
 constexpr int64_t kTile = 128;      // patches per work item of the tiled kernels
-constexpr int64_t kSmallM = 32;    // sampling at M <= kSmallM splits units across threads instead,
-constexpr int64_t kLanesMin = 11;  // and in fp32 from kLanesMin to kLanesMax patches puts them in vector
-constexpr int64_t kLanesMax = 128; // lanes (fastest there, measured; the tiles' GEMMs are from ~200 on)
+constexpr int64_t kSmallM = 32;    // sampling at M <= kSmallM splits units across threads instead, except
+constexpr int64_t kLanesMin = 11;  // in fp32 from kLanesMin to kLanesMax patches, where the lanes kernel is
+constexpr int64_t kLanesMax = 128; // fastest (measured; the tiles' GEMMs win from ~200 patches on)
 constexpr int64_t kTableMin = 512; // build the byte table when M·P >= this (it costs 256 rows)
 
 // ------------------------------------------------------------------------------------------------
