@@ -134,14 +134,19 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; initialises the process group."""
+def _distributed(device_type: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; initialises the process group (NCCL for
+    CUDA devices, gloo for the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda" and local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"--device cuda: process {local_rank} of this node needs GPU {local_rank}, the node has "
+                         f"{torch.cuda.device_count()} (one process per GPU; --device cpu runs them on the CPU)")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), world, local_rank
 
 
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
@@ -155,8 +160,8 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
 
 def train(cfg: dict, *, quiet: bool = False) -> dict:
     """Run training as ``cfg`` says (a preset merged with flags); returns the last metrics row."""
-    rank, world, local_rank = _distributed()
     device = torch.device(cfg["device"])
+    rank, world, local_rank = _distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
@@ -183,7 +188,7 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
     if resume == "auto":
         resume = str(out / "last.pt") if (out / "last.pt").exists() else None
     if resume:
-        ckpt = checkpoint.read(resume, map_location=device)
+        ckpt = checkpoint.read(resume)  # on the CPU: RNG states must stay there; the loads below move the rest
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -94,7 +94,24 @@ def load(op: str) -> None:
 _loaded: set[str] = set()
 
 
+def _share_cxx_runtime() -> None:
+    """Put the C++ runtime torch runs with (libstdc++, already loaded) in the global symbol scope, so our
+    libraries bind to its definitions rather than to copies of their own.
+
+    A compiler that links libstdc++ statically leaves such copies in our library (the lent H100 machine's
+    /opt/gcc/bin/g++, GCC 13.3, does: its builds export std::logic_error and the ostream inserters). Torch
+    loads libstdc++ with local scope, so our library found its own copies first: two C++ runtimes in one
+    process, and formatting a number in an error message segfaulted (a null locale facet)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+    except (OSError, AttributeError):  # another C++ runtime or platform: nothing to share
+        pass
+
+
 def _load(op: str) -> None:
+    _share_cxx_runtime()
     prebuilt = sorted(PACKAGE_DIR.glob(f"_C_{op}.*so"))
     if prebuilt:
         torch.ops.load_library(str(prebuilt[0]))

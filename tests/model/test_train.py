@@ -132,12 +132,14 @@ def test_resume_after_ctrl_c_continues_exactly(tmp_path, text_file, monkeypatch)
 
 
 def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path, text_file):
-    common = ["--data", str(text_file), *TINY, "--steps", "3", "--eval-every", "100", "--dropout", "0", "--quiet"]
+    common = ["--data", str(text_file), *TINY, "--steps", "3", "--eval-every", "100", "--dropout", "0", "--quiet",
+              "--device", "cpu"]  # two processes on one CPU, wherever the test runs
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "-m", "agiformer.train", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
                    check=True, env=env, cwd=REPO, timeout=180)
-    run_train(tmp_path / "one", text_file, "--steps", "3", "--eval-every", "100", "--dropout", "0", "--batch-size", "4")
+    run_train(tmp_path / "one", text_file, "--steps", "3", "--eval-every", "100", "--dropout", "0", "--batch-size", "4",
+              "--device", "cpu")
     ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
     assert len(ddp) == len(one) == 3
     for a, b in zip(ddp, one):
@@ -159,7 +161,8 @@ def test_train_then_evaluate_generate_inspect(tmp_path, text_file, capsysbinary)
     assert (tmp_path / "metrics.csv").read_text().count("\n") == len(rows) + 1
     last = str(tmp_path / "last.pt")
 
-    evaluate.main([last, "--backend", "reference", "--quiet"])
+    # training validates under bf16 autocast on a GPU (its default), so the evaluation does too
+    evaluate.main([last, "--backend", "reference", "--quiet", *(["--amp"] if torch.cuda.is_available() else [])])
     line = capsysbinary.readouterr().out.decode()
     assert f"{rows[-1]['val_bpb']:.4f} bits/byte" in line
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from agiformer_kernels import linear_attention, linear_attention_step
-from agiformer_kernels.backends import triton_unavailable
+from agiformer_kernels.backends import BackendError, triton_unavailable
+from agiformer_kernels.ops.linear_attention.triton import MAX_HEAD_DIM_FP64_GPU
 from tests.ops.test_linear_attention import (
     OPTIONS,
     TOLERANCE,
@@ -64,6 +65,10 @@ def run_on_device(backend, q, k, v, init, packed, opts, requires_grad=True):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_triton_matches_oracle(case, dtype):
     q, k, v, init, opts, (o_ref, (S_ref, z_ref), grads_out, grads_ref) = _case(*case, dtype)
+    if dtype == torch.float64 and DEVICE == "cuda" and max(case[3], case[4]) > MAX_HEAD_DIM_FP64_GPU:
+        with pytest.raises(BackendError, match="float64 on a GPU"):
+            run_on_device("triton", q, k, v, init, case[6], opts)
+        return
     o, (S, z), leaves = run_on_device("triton", q, k, v, init, case[6], opts)
     assert o.dtype == dtype
     close("o", o, o_ref)

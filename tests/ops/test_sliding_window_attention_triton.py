@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from agiformer_kernels import sliding_window_attention, sliding_window_attention_step
+from agiformer_kernels.backends import triton_unavailable
 from agiformer_kernels.ops.sliding_window_attention.reference import naive_sliding_window_attention
 from tests.ops.test_sliding_window_attention import (
     assert_grad_close,
@@ -20,7 +21,9 @@ from tests.utils import assert_close, assert_low_precision_close
 
 pytest.importorskip("triton")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# CPU tensors need the interpreter, which conftest turns on only where there is no GPU
+NO_INTERPRETER = pytest.mark.skipif(triton_unavailable("cpu") is not None, reason=str(triton_unavailable("cpu")))
+DEVICES = [pytest.param("cpu", marks=NO_INTERPRETER), pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [  # (B, L, H, D, window, cu_seqlens)
     (2, 1, 2, 16, 1, None),
@@ -40,7 +43,7 @@ CASES = [(dev, dt, *s) for dev in ("cpu", "cuda") for dt in DTYPES for s in SHAP
 
 def _param(case):
     dev, dt, B, L, H, D, W, cu = case
-    marks = [pytest.mark.gpu] if dev == "cuda" else []
+    marks = [pytest.mark.gpu] if dev == "cuda" else [NO_INTERPRETER]
     return pytest.param(*case, marks=marks, id=f"{dev}-" + shape_id(B, L, H, D, W, dt, cu is not None))
 
 
@@ -128,17 +131,20 @@ def test_triton_step_positions_per_sequence(device):
 
 
 def test_triton_ops_pass_opcheck():
+    """On the GPU where there is one, else through the interpreter."""
     from agiformer_kernels.ops.sliding_window_attention import triton as swa_triton
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     L = 40
-    q, k, v = make_qkv(1, L, 2, 16, torch.float32, requires_grad=True)
-    seg_start, seg_end = torch.zeros(L, dtype=torch.int32), torch.full((L,), L, dtype=torch.int32)
+    q, k, v = make_qkv(1, L, 2, 16, torch.float32, dev, requires_grad=True)
+    seg_start = torch.zeros(L, dtype=torch.int32, device=dev)
+    seg_end = torch.full((L,), L, dtype=torch.int32, device=dev)
     torch.library.opcheck(swa_triton.window_fwd, (q, k, v, seg_start, seg_end, 5, 0.25))
     o, lse = swa_triton.window_fwd(q.detach(), k.detach(), v.detach(), seg_start, seg_end, 5, 0.25)
     torch.library.opcheck(
         swa_triton.window_bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, seg_start, seg_end,
                                 5, 0.25)
     )
-    qs, ks, vs = (torch.randn(2, 2, 16) for _ in range(3))
-    caches = (torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 16))
-    torch.library.opcheck(swa_triton.window_step, (qs, ks, vs, *caches, torch.tensor([3, 9]), 0.25))
+    qs, ks, vs = (torch.randn(2, 2, 16, device=dev) for _ in range(3))
+    caches = (torch.randn(2, 5, 2, 16, device=dev), torch.randn(2, 5, 2, 16, device=dev))
+    torch.library.opcheck(swa_triton.window_step, (qs, ks, vs, *caches, torch.tensor([3, 9], device=dev), 0.25))

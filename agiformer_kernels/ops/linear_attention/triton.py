@@ -32,12 +32,19 @@ from .cpp import CHUNK, _last_contiguous, chunk_rows, run_forward  # the C++ ker
 from .reference import State, acc_dtype
 
 MAX_HEAD_DIM = 128
+MAX_HEAD_DIM_FP64_GPU = 32
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _acc_scalar(x, ACC: tl.constexpr):
+        # The kernels' float arguments are annotated fp64 (Triton passes a Python float as fp32 otherwise,
+        # and a float64 call's eps, rounded to fp32, was its largest error): used in the accumulation dtype.
+        return tl.full([], x, ACC)
 
     @triton.jit
     def _feature(x, ELU: tl.constexpr, feature_eps):
@@ -82,10 +89,11 @@ if HAVE_TRITON:
     def chunk_states_fwd_kernel(
         k, v, S0, z0, S_out, z_out, chunk_S, chunk_z, cu_seqlens,
         s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
-        H, L, D, Dv, NC, feature_eps,
+        H, L, D, Dv, NC, feature_eps: tl.float64,
         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr,
         HAS_S0: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
     ):
+        feature_eps = _acc_scalar(feature_eps, ACC)
         # grid (D / BK, Dv / BV, sequences · H); S [BK × BV] and z [BK] stay in registers.
         pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h, start, length, base = _sequence(pid_sh, cu_seqlens, H, L, NC, C, PACKED)
@@ -121,10 +129,11 @@ if HAVE_TRITON:
     def chunk_output_fwd_kernel(
         q, k, v, o, den, chunk_S, chunk_z, cu_seqlens, chunk_seq, chunk_idx,
         s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
-        H, L, D, Dv, NC, feature_eps, scale, eps,
+        H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64, eps: tl.float64,
         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr,
         PACKED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        feature_eps, scale, eps = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC), _acc_scalar(eps, ACC)
         # grid (chunks, H, Dv / BV); q̂, k̂ [C × BK] (all of D), v [C × BV], scores [C × C] on chip.
         pid_c, h, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, start, length, row, c = _chunk(pid_c, cu_seqlens, chunk_seq, chunk_idx, L, NC, C, PACKED)
@@ -159,11 +168,12 @@ if HAVE_TRITON:
     def chunk_dstates_bwd_kernel(
         q, do, o, den, dS_in, dz_in, chunk_dS, chunk_dz, dS0, dz0, cu_seqlens,
         s_qb, s_ql, s_qh, s_vb, s_vl, s_vh,
-        H, L, D, Dv, NC, feature_eps, scale,
+        H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64,
         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, ELU: tl.constexpr,
         NORMALIZE: tl.constexpr, HAS_DS: tl.constexpr, HAS_DZ: tl.constexpr, PACKED: tl.constexpr,
         ACC: tl.constexpr,
     ):
+        feature_eps, scale = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC)
         # grid (D / BK, Dv / BV, sequences · H); dS [BK × BV], dz [BK] in registers, chunks in reverse.
         # dden = -(do·o)/den needs whole rows of do and o (BVF ≥ Dv): only the Dv block 0 carries dz.
         pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -216,10 +226,11 @@ if HAVE_TRITON:
     def chunk_grads_bwd_kernel(
         q, k, v, do, o, den, chunk_S, chunk_z, chunk_dS, chunk_dz, dq, dk, dv, cu_seqlens, chunk_seq, chunk_idx,
         s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
-        H, L, D, Dv, NC, feature_eps, scale,
+        H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64,
         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr,
         PACKED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        feature_eps, scale = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC)
         # grid (chunks, H); q̂, k̂ [C × BK], v, do [C × BV], scores and their gradient [C × C], the saved
         # states [BK × BV] on chip. dq, dk, dv are written contiguous [B, L, H, ·] (strides s_o*).
         pid_c, h = tl.program_id(0), tl.program_id(1)
@@ -269,9 +280,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def step_kernel(
-        q, k, v, S, z, o, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, H, D, Dv, feature_eps, scale, eps,
+        q, k, v, S, z, o, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, H, D, Dv,
+        feature_eps: tl.float64, scale: tl.float64, eps: tl.float64,
         BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
     ):
+        feature_eps, scale, eps = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC), _acc_scalar(eps, ACC)
         # grid (B · H); S [BK × BV] read and written once.
         pid = tl.program_id(0)
         b, h = pid // H, pid % H
@@ -553,8 +566,14 @@ def linear_attention_step_triton(
 
 
 def _check(q, k, v, *args, **kwargs) -> Optional[str]:
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D = {q.shape[-1]}, Dv = {v.shape[-1]}"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
+        return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D = {D}, Dv = {Dv}"
+    if q.dtype == torch.float64 and q.is_cuda and max(D, Dv) > MAX_HEAD_DIM_FP64_GPU:
+        # measured on an H100: fp64 dots stage their operands in shared memory, and the backward's nine
+        # [64 x 64] fp64 products asked for 264 KiB, more than a block may have (227 KiB)
+        return (f"in float64 on a GPU the Triton kernels take head dims up to {MAX_HEAD_DIM_FP64_GPU} (shared "
+                f"memory), got D = {D}, Dv = {Dv}")
     return None
 
 
