@@ -383,12 +383,12 @@ def test_sample_same_bytes_as_reference_for_same_seed(backend, M, P, h):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M", [1, 16, 200], ids=["split", "lanes", "tiled"])
-@pytest.mark.parametrize("maxima", [(10, 5, 203, 2), (0, 5)], ids=["inner", "first"])
+@pytest.mark.parametrize("maxima", [(10, 5, 203, 2), (0, 5), (203, 140, 131)], ids=["inner", "first", "upper"])
 def test_greedy_ties_take_the_first_index(backend, M, maxima):
-    """Logits equal at several bytes (of different residues mod 4: the lanes argmax runs four chains) give
-    the first of them, as torch.argmax."""
+    """Logits equal at several bytes (of different residues mod 4: the lanes argmax runs four chains; in both
+    halves of the vocabulary: with h = 128 two threads split it) give the first of them, as torch.argmax."""
     device = device_of(backend)
-    x, _ = make_inputs(M, 3, 32, torch.float32, device)
+    x, _ = make_inputs(M, 3, 128, torch.float32, device)
     x["head_weight"] = torch.zeros_like(x["head_weight"])
     x["head_bias"] = torch.zeros_like(x["head_bias"])
     x["head_bias"][list(maxima)] = 1.0
