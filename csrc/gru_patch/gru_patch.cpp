@@ -296,30 +296,37 @@ struct SampleParams {
 };
 
 // reference.choose_bytes for one row of logits (bias included); e is kVocab scratch.
-// First index of the maximum (torch.argmax's tie rule).
+// Index of the maximum by torch.argmax's rules: the first on ties, and a NaN is the maximum (the first NaN).
 template <typename T>
 inline int64_t argmax_row(const T* l) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     __m512 mv = _mm512_loadu_ps(l);
-    for (int64_t k = 16; k < kVocab; k += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(l + k));
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-    for (int64_t k = 0; k < kVocab; k += 16) {
-      const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + k), mx, _CMP_EQ_OQ);
-      if (hit) return k + __builtin_ctz(hit);
+    __mmask16 nan = _mm512_cmp_ps_mask(mv, mv, _CMP_UNORD_Q);
+    for (int64_t k = 16; k < kVocab; k += 16) {
+      const __m512 x = _mm512_loadu_ps(l + k);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      mv = _mm512_max_ps(mv, x);
     }
-  }
+    if (!nan) {
+      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+      for (int64_t k = 0; k < kVocab; k += 16) {
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + k), mx, _CMP_EQ_OQ);
+        if (hit) return k + __builtin_ctz(hit);
+      }
+    }
+  }  // with a NaN, the scan below finds the first
 #endif
-  int64_t best = 0;  // also the NaN case, where no lane compares equal
-  for (int64_t k = 1; k < kVocab; ++k)
-    if (l[k] > l[best]) best = k;
+  int64_t best = 0;
+  for (int64_t k = 1; k < kVocab && !std::isnan(l[best]); ++k)
+    if (std::isnan(l[k]) || l[k] > l[best]) best = k;
   return best;
 }
 
 template <typename T>
 inline int64_t choose_byte(const T* l, const SampleParams& sp, int64_t row, int64_t step, T* e) {
   const int64_t best = argmax_row(l);
-  if (sp.temperature == 0) return best;
+  if (sp.temperature == 0 || std::isnan(l[best])) return best;  // a NaN's running sums pass no target
   T thr = -std::numeric_limits<T>::infinity();
   if (sp.top_k > 0 && sp.top_k < kVocab) {
     std::copy(l, l + kVocab, e);
@@ -1103,23 +1110,25 @@ void sample_lanes(const Weights<float>& W, const float* ctx, const float* hw, co
         omp_barrier();
         if (greedy) {  // argmax_row of every lane: the first index of the maximum
           for (int64_t g = 0; g < G; ++g) {
-            // four independent chains (v mod 4), each from logit 0 as the sequential scan (NaNs skipped unless
-            // logit 0 is one), merged with ties to the lower index
+            // four independent chains (v mod 4), each from logit 0 as argmax_row's scan (a NaN is the maximum:
+            // the first one stays), merged with ties to the lower index
             const float* lg = logT.data() + g * kVocab * 16;
+            auto nan = [](__m512 x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); };
             __m512 best[4];
             __m512i arg[4];
             for (int c = 0; c < 4; ++c) best[c] = _mm512_loadu_ps(lg), arg[c] = _mm512_setzero_si512();
             for (int64_t v = 0; v < kVocab; v += 4)
               for (int c = 0; c < 4; ++c) {
                 const __m512 x = _mm512_loadu_ps(lg + (v + c) * 16);
-                const __mmask16 gt = _mm512_cmp_ps_mask(x, best[c], _CMP_GT_OQ);
+                const __mmask16 gt = _mm512_cmp_ps_mask(x, best[c], _CMP_GT_OQ) | (nan(x) & ~nan(best[c]));
                 best[c] = _mm512_mask_blend_ps(gt, best[c], x);
                 arg[c] = _mm512_mask_blend_epi32(gt, arg[c], _mm512_set1_epi32(static_cast<int>(v + c)));
               }
             for (int c = 1; c < 4; ++c) {
-              const __mmask16 take = _mm512_cmp_ps_mask(best[c], best[0], _CMP_GT_OQ) |
-                                     (_mm512_cmp_ps_mask(best[c], best[0], _CMP_EQ_OQ) &
-                                      _mm512_cmplt_epi32_mask(arg[c], arg[0]));
+              const __mmask16 lower = _mm512_cmplt_epi32_mask(arg[c], arg[0]);
+              const __mmask16 take =
+                  _mm512_cmp_ps_mask(best[c], best[0], _CMP_GT_OQ) |
+                  (_mm512_cmp_ps_mask(best[c], best[0], _CMP_EQ_OQ) & lower) | (nan(best[c]) & (~nan(best[0]) | lower));
               best[0] = _mm512_mask_blend_ps(take, best[0], best[c]);
               arg[0] = _mm512_mask_blend_epi32(take, arg[0], arg[c]);
             }

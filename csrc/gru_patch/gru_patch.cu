@@ -235,6 +235,14 @@ __device__ __forceinline__ void head_logits(const A* hs, const T* head_t, const 
   for (int r = 0; r < kRows; ++r) lgs[r * kVocab + v] = acc[r];
 }
 
+// Whether logit (v, i) goes before (bv, bi) as torch.argmax's pick: larger, or equal at a lower index; a NaN
+// is the maximum (the first NaN wins).
+template <typename A>
+__device__ bool argmax_before(A v, int i, A bv, int bi) {
+  if (isnan(v)) return !isnan(bv) || i < bi;
+  return !isnan(bv) && (v > bv || (v == bv && i < bi));
+}
+
 // The byte of one row of logits (reference.choose_bytes), computed by one warp: lane l holds entries
 // [8l, 8l + 8), so a lane-local scan plus a warp scan of lane totals is the running sum in vocabulary order.
 template <typename A>
@@ -247,11 +255,11 @@ __device__ int64_t choose_byte(const A* l, const SampleParams& p, int64_t row, i
   A bv = v[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i)
-    if (v[i] > bv) bv = v[i], best = lane * 8 + i;
+    if (argmax_before(v[i], lane * 8 + i, bv, best)) bv = v[i], best = lane * 8 + i;
   for (int o = 16; o > 0; o >>= 1) {  // max value, lowest index on ties
     const A ov = __shfl_xor_sync(0xffffffffu, bv, o);
     const int oi = __shfl_xor_sync(0xffffffffu, best, o);
-    if (ov > bv || (ov == bv && oi < best)) bv = ov, best = oi;
+    if (argmax_before(ov, oi, bv, best)) bv = ov, best = oi;
   }
   if (p.greedy) return best;
   bool keep[8];
@@ -299,10 +307,13 @@ __device__ int64_t choose_byte(const A* l, const SampleParams& p, int64_t row, i
   offset -= run;
   const uint32_t x = mix32(mix32(mix32(uint32_t(p.seed[0]) ^ uint32_t(row)) ^ uint32_t(p.seed[1])) ^ uint32_t(t));
   const A target = A(x >> 8) * A(1.0 / 16777216.0) * total;
-  int n = 0;
+  // the first byte whose running sum passes the target; none (rounding, or NaN sums from a NaN or infinite
+  // logit): the argmax
+  int n = kVocab;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) n += (offset + c[i]) <= target;
-  n = warp_sum_int(n);
+  for (int i = 7; i >= 0; --i)
+    if (offset + c[i] > target) n = lane * 8 + i;
+  for (int o = 16; o > 0; o >>= 1) n = min(n, __shfl_xor_sync(0xffffffffu, n, o));
   return n < kVocab ? n : best;
 }
 

@@ -683,3 +683,31 @@ def test_named_backend_that_cannot_serve_raises():
     x, b = make_inputs(2, 2, 8, torch.float32)
     with pytest.raises(BackendError):
         gru_patch_decode(*decode_args(x, b), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M", [1, 16, 200], ids=["split", "lanes", "tiled"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "T1"])
+@pytest.mark.parametrize("nans", [(140, 7, 201), (201, 131)], ids=["lower", "upper"])
+def test_nan_logits_give_the_first_nan_byte(backend, M, temperature, nans):
+    """A NaN logit is the maximum, as for torch.argmax: a patch whose logits hold NaNs (a diverged model) gets
+    the first NaN's byte on every backend, greedy or sampling (its running sums are all NaN). Before, the C++
+    kernels skipped NaNs, each path in its own way."""
+    device = device_of(backend)
+    x, _ = make_inputs(M, 3, 128, torch.float32, device)
+    x["head_bias"][list(nans)] = float("nan")
+    gen = torch.Generator(device=device).manual_seed(3) if temperature else None
+    out = gru_patch_sample(*sample_args(x), patch_size=3, temperature=temperature, generator=gen, backend=backend)
+    assert (out == min(nans)).all(), out.unique()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_logit_is_taken_when_sampling(backend):
+    """+inf is the maximum: greedy takes it, and sampling too (the reference's running sums are NaN there)."""
+    device = device_of(backend)
+    x, _ = make_inputs(16, 3, 32, torch.float32, device)
+    x["head_bias"][[9, 100]] = float("inf")
+    for temperature in (0.0, 1.0):
+        gen = torch.Generator(device=device).manual_seed(3) if temperature else None
+        out = gru_patch_sample(*sample_args(x), patch_size=3, temperature=temperature, generator=gen, backend=backend)
+        assert (out == 9).all(), (temperature, out.unique())

@@ -340,6 +340,17 @@ def test_seeded_sample_emulated_equals_oracle(kernels, M, P, h, dtype, prefix_le
         assert not torch.equal(outs[0], outs[1]), "two seeds should draw different bytes"
 
 
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.8, 5)])
+def test_nan_and_infinite_logits_emulated(kernels, temperature, top_k):
+    """torch.argmax's pick (tests/ops/test_gru_patch.py): the first NaN, else the first +inf, greedy or sampling."""
+    seed = R.draw_seed(torch.Generator().manual_seed(8), torch.device("cpu"))
+    for value, bad, expected in ((float("nan"), (140, 7, 201), 7), (float("inf"), (9, 100), 9)):
+        x, _ = _sample_inputs(37, 3, 32, torch.float32, 0)
+        x["head_bias"][list(bad)] = value
+        out = sample(kernels, x, 3, temperature=temperature, top_k=top_k, seed=seed)
+        assert (out == expected).all(), (value, out.unique())
+
+
 def test_emulation_sees_every_launch():
     text = for_gcc(SOURCE.read_text())
     assert text.count("emu_launch(") == 6  # recurrence fwd and bwd, sampling, cross-entropy fwd, dh and dW

@@ -85,6 +85,18 @@ def test_sample_same_bytes_as_reference_for_same_seed():
     assert float((out == ref).double().mean()) >= 0.995
 
 
+@pytest.mark.parametrize("bad,expected", [((140, 7, 201), 7), ((9, 100), 9)], ids=["nan", "inf"])
+def test_sample_takes_the_first_nan_or_infinite_logit(bad, expected):
+    """As tests/ops/test_gru_patch.py's NaN and infinity tests: torch.argmax's pick, greedy and sampling (tl.argmax
+    leaves NaNs to its reduction order)."""
+    x, _ = make_inputs(5, 3, 32, F32, DEVICE)
+    x["head_bias"][list(bad)] = float("nan") if expected == 7 else float("inf")
+    for kw in (dict(), dict(temperature=1.0, top_k=40), dict(temperature=1.0)):
+        gen = torch.Generator(DEVICE).manual_seed(3)
+        out = gru_patch_sample(*sample_args(x), patch_size=3, generator=gen, backend="triton", **kw)
+        assert (out == expected).all(), (kw, out.unique())
+
+
 def test_sample_with_byte_table_equals_without():
     x, _ = make_inputs(5, 3, 32, F32, DEVICE, head_scale=4.0)
     table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])

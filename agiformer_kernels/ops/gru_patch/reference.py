@@ -90,7 +90,8 @@ def choose_bytes(
 
     temperature 0: argmax, first index on ties. Otherwise inverse CDF: with e_k = exp((l_k - max) / T)
     (zero outside the top_k logits, ties at the k-th value kept) and c its running sum, the byte is the
-    first k with c_k > u·c_255; if rounding leaves none, the argmax.
+    first k with c_k > u·c_255; if rounding leaves none, the argmax. A NaN logit is the maximum, as for
+    torch.argmax: a row holding NaNs gets the first NaN's byte, greedy or not (its c is all NaN).
     """
     best = logits.argmax(-1)
     if temperature == 0:
@@ -100,9 +101,8 @@ def choose_bytes(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     mx = logits.gather(1, best[:, None])
     c = torch.exp((logits - mx) / temperature).cumsum(-1)
-    target = u[:, None] * c[:, -1:]
-    chosen = (c <= target).sum(-1)
-    return torch.where(chosen < VOCAB, chosen, best)
+    above = c > u[:, None] * c[:, -1:]
+    return torch.where(above.any(-1), above.int().argmax(-1), best)
 
 
 # ---------------------------------------------------------------------------------------------

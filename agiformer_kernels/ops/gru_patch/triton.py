@@ -61,6 +61,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _argmax_rows(logits, vocab, V: tl.constexpr):
+    """(logit, index) of each row's torch.argmax pick: the first maximum, and a NaN is the maximum (the first
+    NaN). From min/max reductions: tl.argmax leaves NaNs to its reduction order, and a custom combine runs
+    ~100x slower in the interpreter."""
+    nan = logits != logits
+    first_nan = tl.min(tl.where(nan, vocab, V), 1)
+    mx = tl.max(tl.where(nan, float("-inf"), logits), 1)
+    first_max = tl.min(tl.where(logits == mx[:, None], vocab, V), 1)
+    has_nan = first_nan < V
+    return tl.where(has_nan, float("nan"), mx), tl.where(has_nan, first_nan, first_max)
+
+
+@triton.jit
 def _mix32(x):
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
@@ -265,17 +278,20 @@ def gru_sample_kernel(gc_ptr, table_ptr, w_hh_ptr, b_hh_ptr, hw_ptr, hb_ptr, pre
         else:
             logits = _head_logits(h_next, H, rows, row_ok, hw_ptr, hb_ptr, H, ACC, BLOCK_M, BLOCK_K, V, PRECISION,
                                   UPCAST)
-            best = tl.argmax(logits, 1).to(tl.int64)  # first index on ties, as torch.argmax
+            vocab = tl.broadcast_to(tl.arange(0, V)[None, :], logits.shape)
+            best_logit, best = _argmax_rows(logits, vocab, V)
+            best = best.to(tl.int64)
             if GREEDY:
                 b = best
             else:
                 if TOP_K:
                     logits = tl.where(_order_key(logits) >= _kth_key(logits, top_k)[:, None], logits, float("-inf"))
-                mx = tl.max(logits, 1)
-                c = tl.cumsum(tl.exp((logits - mx[:, None]) * inv_temp), 1)
+                c = tl.cumsum(tl.exp((logits - best_logit[:, None]) * inv_temp), 1)
                 u = (_mix32(row_hash ^ t) >> 8).to(ACC) * (1.0 / 16777216.0)
                 target = u * tl.max(c, 1)
-                chosen = tl.sum((c <= target[:, None]).to(tl.int64), 1)
+                # the first byte whose running sum passes the target; none (rounding, or NaN sums from a NaN or
+                # infinite logit): the argmax
+                chosen = tl.min(tl.where(c > target[:, None], vocab, V), 1).to(tl.int64)
                 b = tl.where(chosen < V, chosen, best)
             b = tl.where(row_ok, b, 0)
         tl.store(out_ptr + rows * P + t, b, mask=row_ok)
