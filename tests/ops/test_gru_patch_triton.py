@@ -97,6 +97,44 @@ def test_sample_takes_the_first_nan_or_infinite_logit(bad, expected):
         assert (out == expected).all(), (kw, out.unique())
 
 
+SM90_COMPILE = """
+import sys
+import triton.language as tl
+from triton import compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from agiformer_kernels.ops.gru_patch import triton as gt
+
+k = gt.gru_sample_kernel
+fp = "*fp64" if sys.argv[1] == "fp64" else "*fp32"
+sig = {n: "constexpr" for n in k.arg_names}
+sig.update({n: fp for n in ("gc_ptr", "table_ptr", "w_hh_ptr", "b_hh_ptr", "hw_ptr", "hb_ptr", "h_ptr")})
+sig.update({n: "*i64" for n in ("prefix_ptr", "seed_ptr", "out_ptr")})
+sig.update({n: "i32" for n in ("M", "P", "H", "forced", "sos", "top_k")}, inv_temp="fp32")
+const = dict(GREEDY=sys.argv[2] == "greedy", TOP_K=sys.argv[2] == "top_k", ACC=tl.float64 if fp == "*fp64" else tl.float32,
+             BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, V=256, PRECISION="ieee", UPCAST=False)
+compile(ASTSource(fn=k, signature={n: sig[n] for n in k.arg_names},
+                  constexprs={(k.arg_names.index(n),): v for n, v in const.items()}), target=GPUTarget("cuda", 90, 32))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tests above compile it for real")
+@pytest.mark.parametrize("dtype,mode", [("fp64", "top_k"), ("fp32", "greedy")])
+def test_sampler_compiles_for_sm90(dtype, mode):
+    """The interpreter runs the kernels with Python's semantics, so it cannot see what only the compiler rejects:
+    an early return in a static if let the compiler go on to the fp32 bitcast for fp64, so fp64 top-k sampling
+    did not compile for sm_90 (Triton 3.6, the H100's, and 3.9). Triton's compiler needs no GPU; it runs in a
+    process of its own, without the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE, dtype, mode], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_sample_with_byte_table_equals_without():
     x, _ = make_inputs(5, 3, 32, F32, DEVICE, head_scale=4.0)
     table = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])

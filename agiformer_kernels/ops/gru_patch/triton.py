@@ -44,9 +44,11 @@ MAX_HIDDEN = 1024  # the head's weight-gradient kernel holds a BLOCK_V × h tile
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST (interpreter with bf16/fp16 only: its dot multiplies the raw 16-bit storage)
     takes the product in fp32, exact for 16-bit operands."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    if UPCAST:  # if/else: Triton compiles past a return in a static if (see _order_key)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return out
 
 
 @triton.jit
@@ -85,11 +87,15 @@ def _mix32(x):
 @triton.jit
 def _order_key(x):
     """Integers ordered as the floats x: the sign-magnitude bits with the magnitude flipped below zero."""
+    # if/else, not an early return: the compiler goes on past a return in a static if, and compiled the fp32
+    # bitcast for fp64 too (Triton 3.6 for sm_90: "Cannot bitcast data-type of size 64 to data-type of size 32")
     if x.dtype == tl.float64:
         bits = x.to(tl.int64, bitcast=True)
-        return tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    return key
 
 
 @triton.jit

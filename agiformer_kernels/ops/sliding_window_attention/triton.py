@@ -31,9 +31,11 @@ STEP_BLOCK = 64  # ring slots per step of the decode kernel
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b, fp32 accumulation. UPCAST (interpreter with bf16 only: its dot multiplies bf16's raw
     uint16 storage) takes the product in fp32, which is exact for bf16 operands."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b, input_precision=PRECISION)
+    if UPCAST:  # if/else: Triton compiles past a return in a static if (gru_patch's _order_key)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
