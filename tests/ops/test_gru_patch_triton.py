@@ -110,7 +110,7 @@ fp = "*fp64" if sys.argv[1] == "fp64" else "*fp32"
 sig = {n: "constexpr" for n in k.arg_names}
 sig.update({n: fp for n in ("gc_ptr", "table_ptr", "w_hh_ptr", "b_hh_ptr", "hw_ptr", "hb_ptr", "h_ptr")})
 sig.update({n: "*i64" for n in ("prefix_ptr", "seed_ptr", "out_ptr")})
-sig.update({n: "i32" for n in ("M", "P", "H", "forced", "sos", "top_k")}, inv_temp="fp32")
+sig.update({n: "i32" for n in ("M", "P", "H", "forced", "sos", "top_k")}, inv_temp="fp64")
 const = dict(GREEDY=sys.argv[2] == "greedy", TOP_K=sys.argv[2] == "top_k", ACC=tl.float64 if fp == "*fp64" else tl.float32,
              BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, V=256, PRECISION="ieee", UPCAST=False)
 compile(ASTSource(fn=k, signature={n: sig[n] for n in k.arg_names},
@@ -119,7 +119,7 @@ compile(ASTSource(fn=k, signature={n: sig[n] for n in k.arg_names},
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tests above compile it for real")
-@pytest.mark.parametrize("dtype,mode", [("fp64", "top_k"), ("fp32", "greedy")])
+@pytest.mark.parametrize("dtype,mode", [("fp64", "top_k"), ("fp32", "greedy"), ("fp32", "temperature")])
 def test_sampler_compiles_for_sm90(dtype, mode):
     """The interpreter runs the kernels with Python's semantics, so it cannot see what only the compiler rejects:
     an early return in a static if let the compiler go on to the fp32 bitcast for fp64, so fp64 top-k sampling

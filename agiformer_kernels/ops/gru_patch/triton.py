@@ -257,7 +257,7 @@ def _head_logits(h_ptr, stride_h, rows, row_ok, hw_ptr, hb_ptr, H, ACC: tl.const
 
 @triton.jit
 def gru_sample_kernel(gc_ptr, table_ptr, w_hh_ptr, b_hh_ptr, hw_ptr, hb_ptr, prefix_ptr, seed_ptr, out_ptr, h_ptr,
-                      M, P, H, forced, sos, inv_temp, top_k, GREEDY: tl.constexpr, TOP_K: tl.constexpr,
+                      M, P, H, forced, sos, inv_temp: tl.float64, top_k, GREEDY: tl.constexpr, TOP_K: tl.constexpr,
                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       V: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """out [M, P] int64 ← bytes; h: [2, M, H] scratch (h_t ping-pongs so a step reads h_{t-1} whole)."""
@@ -292,7 +292,8 @@ def gru_sample_kernel(gc_ptr, table_ptr, w_hh_ptr, b_hh_ptr, hw_ptr, hb_ptr, pre
             else:
                 if TOP_K:
                     logits = tl.where(_order_key(logits) >= _kth_key(logits, top_k)[:, None], logits, float("-inf"))
-                c = tl.cumsum(tl.exp((logits - best_logit[:, None]) * inv_temp), 1)
+                # inv_temp arrives in fp64 (annotated: Triton passes a Python float as fp32), used in ACC
+                c = tl.cumsum(tl.exp((logits - best_logit[:, None]) * tl.full([], inv_temp, ACC)), 1)
                 u = (_mix32(row_hash ^ t) >> 8).to(ACC) * (1.0 / 16777216.0)
                 target = u * tl.max(c, 1)
                 # the first byte whose running sum passes the target; none (rounding, or NaN sums from a NaN or
