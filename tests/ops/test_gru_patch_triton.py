@@ -111,8 +111,9 @@ sig = {n: "constexpr" for n in k.arg_names}
 sig.update({n: fp for n in ("gc_ptr", "table_ptr", "w_hh_ptr", "b_hh_ptr", "hw_ptr", "hb_ptr", "h_ptr")})
 sig.update({n: "*i64" for n in ("prefix_ptr", "seed_ptr", "out_ptr")})
 sig.update({n: "i32" for n in ("M", "P", "H", "forced", "sos", "top_k")}, inv_temp="fp64")
-const = dict(GREEDY=sys.argv[2] == "greedy", TOP_K=sys.argv[2] == "top_k", ACC=tl.float64 if fp == "*fp64" else tl.float32,
-             BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, V=256, PRECISION="ieee", UPCAST=False)
+const = dict(GREEDY=sys.argv[2] == "greedy", TOP_K=sys.argv[2] == "top_k",
+             ACC=tl.float64 if fp == "*fp64" else tl.float32, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, V=256,
+             PRECISION="ieee", UPCAST=False)
 compile(ASTSource(fn=k, signature={n: sig[n] for n in k.arg_names},
                   constexprs={(k.arg_names.index(n),): v for n, v in const.items()}), target=GPUTarget("cuda", 90, 32))
 """
