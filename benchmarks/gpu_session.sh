@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine is for, in one command: build the ops' extensions, run the tests (all
 # but CI's CPU stand-ins: besides the gpu-marked ones, many tests take CUDA tensors when a GPU is present), time
-# the GPU benchmarks. Each stage has its own time limit, so one call fits the device's
-# 10-minute limit and a stage cut short still leaves its log (and the benchmarks their finished cases).
+# the GPU benchmarks, profile them (the kernels taking the most time in each row). Each stage has its own time
+# limit, so one call fits the device's 10-minute limit and a stage cut short still leaves its log (and the
+# benchmarks their finished cases).
 #
 #   benchmarks/gpu_session.sh build:60 test:300 bench:230            # stage:seconds, in order
 #   benchmarks/gpu_session.sh bench:500 -- --op gru_patch_loss       # arguments after -- go to benchmarks.run
+#   benchmarks/gpu_session.sh build:60 profile:120 -- --op gru_patch_decode --case M8192   # top 12 kernels
 #   PYTEST_ARGS="-m gpu" benchmarks/gpu_session.sh test:300           # a subset of the tests
 #
-# Logs and the benchmark JSON land in $OUT (default /tmp/agiformer-gpu). Wheels under .whl/
-# (flash-linear-attention, for its baseline) are installed first when present.
+# Logs and the benchmark JSONs (cuda-bench.json, cuda-profile.json) land in $OUT (default /tmp/agiformer-gpu).
+# Wheels under .whl/ (flash-linear-attention, for its baseline) are installed first when present.
 set -uo pipefail
 OUT=${OUT:-/tmp/agiformer-gpu}
 mkdir -p "$OUT"
@@ -63,6 +65,10 @@ for stage in "${stages[@]}"; do
     bench)
         timeout "$limit" python3 -m benchmarks.run --device cuda --out "$OUT/cuda-bench.json" "${bench_args[@]}" \
             2>&1 | tee "$OUT/cuda-bench.log" | tail -80 || status=1
+        ;;
+    profile)
+        timeout "$limit" python3 -m benchmarks.run --device cuda --profile 12 --no-memory \
+            --out "$OUT/cuda-profile.json" "${bench_args[@]}" 2>&1 | tee "$OUT/cuda-profile.log" | tail -80 || status=1
         ;;
     *) echo "unknown stage $name"; exit 2 ;;
     esac

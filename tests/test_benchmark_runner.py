@@ -59,9 +59,45 @@ def test_rounds_keep_each_implementations_best(toy_registry, tmp_path):
 def test_isolated_measurement_runs_in_a_child_process(tmp_path):
     out = tmp_path / "r.json"
     assert run.main(["--device", "cpu", "--op", "sliding_window_attention_step", "--case", "B1-", "--impl",
-                     "reference", "--min-run-time", "0.01", "--isolate", "--out", str(out)]) == 0
+                     "reference", "--min-run-time", "0.01", "--isolate", "--profile", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["status"] == "ok" and r["fwd_ms"] > 0 for r in rows), rows
+    assert all(0 < len(r["profile"]["top"]) <= 2 for r in rows), "the child profiles too"
+
+
+def profiled_row(tmp_path, *extra) -> dict:
+    out = tmp_path / "r.json"
+    assert run.main(["--quick", "--device", "cpu", "--min-run-time", "0.01", "--no-memory", "--impl", "reference",
+                     "--out", str(out), *extra]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    return row
+
+
+def test_profile_lists_the_ops_taking_the_most_time(toy_registry, tmp_path, capsys):
+    row = profiled_row(tmp_path, "--profile", "3")
+    assert row["status"] == "ok"
+    top, total = row["profile"]["top"], row["profile"]["total_ms"]
+    assert 0 < len(top) <= 3
+    assert all(t["name"] and t["ms"] > 0 and t["calls"] > 0 for t in top), top
+    assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+    assert total >= sum(t["ms"] for t in top) * (1 - 1e-9)  # the top entries are a part of the total
+    assert "aten::mm" in [t["name"] for t in top]  # the forward's matmul and the backward's two
+    printed = capsys.readouterr().out
+    assert "top 3 ops by self CPU time" in printed and "aten::mm" in printed
+
+
+def test_profile_error_is_recorded_not_raised(toy_registry, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    row = profiled_row(tmp_path, "--profile", "3")
+    assert row["status"] == "ok" and row["fwd_ms"] > 0
+    assert row["profile"] == {"error": "RuntimeError: no profiler here"}
+
+
+def test_profile_off_by_default(toy_registry, tmp_path):
+    assert "profile" not in profiled_row(tmp_path)
 
 
 def test_interrupted_run_keeps_finished_cases(toy_registry, tmp_path):

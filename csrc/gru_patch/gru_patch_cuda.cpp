@@ -52,15 +52,18 @@ void check_inputs(const Tensor& context, const Tensor& byte_emb, const Tensor& w
 }
 
 // byte table E·W_ih[:, :h]ᵀ [256, 3h] (undefined unless with_table) and gc = c·W_ih[:, h:]ᵀ + b_ih [M, 3h],
-// in the acc dtype.
+// in the acc dtype. 16-bit operands go to cuBLAS as they are, with an fp32 output: the products are exact in fp32
+// and summed there, on tensor cores (an fp32 GEMM of the upcast operands gives the same sums without them).
 std::pair<Tensor, Tensor> input_parts(const Tensor& context, const Tensor& byte_emb, const Tensor& weight_ih,
                                       const Tensor& bias_ih, bool with_table = true) {
-  const auto a = acc_of(context.scalar_type());
   const int64_t h = context.size(1);
-  const Tensor w = weight_ih.to(a);
-  Tensor table = with_table ? at::mm(byte_emb.to(a), w.narrow(1, 0, h).t()).contiguous() : Tensor();
-  Tensor gc = at::addmm(bias_ih.to(a), context.to(a), w.narrow(1, h, h).t()).contiguous();
-  return {table, gc};
+  const Tensor w_e = weight_ih.narrow(1, 0, h).t(), w_c = weight_ih.narrow(1, h, h).t();
+  if (context.scalar_type() == at::kHalf || context.scalar_type() == at::kBFloat16) {
+    Tensor table = with_table ? at::mm(byte_emb, w_e, at::kFloat).contiguous() : Tensor();
+    return {table, at::mm(context, w_c, at::kFloat).add_(bias_ih)};
+  }
+  Tensor table = with_table ? at::mm(byte_emb, w_e).contiguous() : Tensor();
+  return {table, at::addmm(bias_ih, context, w_c).contiguous()};
 }
 
 // The recurrence forward: hid [M, P, h] acc; out (input dtype, when it differs) and gates when asked.

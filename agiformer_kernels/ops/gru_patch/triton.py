@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -405,14 +404,22 @@ class _Config:
         return dict(ACC=self.acc, PRECISION=self.precision, UPCAST=self.upcast)
 
 
+def _mm(a, b):
+    """a @ b, in fp32 for 16-bit operands: their products are exact in fp32 and summed there, on tensor cores on a
+    GPU (cuBLAS with an fp32 output; on CPU, where mm has no out_dtype, the interpreter tests' upcast stand-in).
+    fp32 and fp64 operands: an ordinary GEMM in their dtype."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return a @ b
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+
+
 def _input_parts(context, byte_emb, weight_ih, bias_ih, table=None):
     """The byte table [256, 3h] (unless given) and gc = c·W_ih[:, h:]ᵀ + b_ih [M, 3h], in the accumulation dtype:
     one GEMM each."""
     a = acc_dtype(context.dtype)
     h = context.shape[1]
-    w_ih = weight_ih.to(a)
-    table = (byte_emb.to(a) @ w_ih[:, :h].T if table is None else table.to(a)).contiguous()
-    gc = F.linear(context.to(a), w_ih[:, h:], bias_ih.to(a)).contiguous()
+    table = (_mm(byte_emb, weight_ih[:, :h].T) if table is None else table).to(a).contiguous()
+    gc = _mm(context, weight_ih[:, h:].T).add_(bias_ih)
     return table, gc
 
 
