@@ -10,7 +10,9 @@ run all P steps of a tile of BLOCK_M patches:
   stored. A barrier per step makes h_t visible to the whole program.
 - ``gru_bwd_kernel``: same grid, the steps in reverse: gate gradients dgi = dL/d(W_ih·x), dgh =
   dL/d(W_hh·h) stored per step, dL/dh_{t-1} = dh·z + dgh·W_hh + upstream kept in a [M, h] scratch row.
-  Weight gradients are then GEMMs over those stored gate gradients (and one index_add for the table).
+  Weight gradients are then GEMMs over those stored gate gradients (and one index_add for the table). For
+  bf16 inputs those GEMMs run on tensor cores: dgh is stored as two bf16 planes hi + lo (16 significant bits;
+  the first is what the kernel's own dgh·W_hh takes) and the small dgc = Σ_t dgi is split the same way.
 - ``gru_sample_kernel``: the fwd step, then logits = h·W_headᵀ + b (BLOCK_M×256 on chip), the byte
   chosen in-kernel (argmax, or inverse CDF of softmax(logits/T) restricted to the top_k with the
   counter-based hash of reference.counter_uniform), and fed back as the next step's gather index.
@@ -181,13 +183,26 @@ def gru_fwd_kernel(gc_ptr, table_ptr, bytes_ptr, w_hh_ptr, b_hh_ptr, hid_ptr, ou
 
 
 @triton.jit
+def _store_split(ptr, lo_offset, x, mask, SPLIT: tl.constexpr):
+    """x at ptr; with SPLIT, as hi + lo in ptr's 16-bit dtype, lo at ptr + lo_offset."""
+    if SPLIT:
+        hi = x.to(ptr.dtype.element_ty)
+        tl.store(ptr, hi, mask=mask)
+        tl.store(ptr + lo_offset, (x - hi.to(x.dtype)).to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, x, mask=mask)
+
+
+@triton.jit
 def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_ptr, dd_ptr, M, P, H,
-                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dgi, dgh [M, P, 3H] ← gate gradients; dh, dd: [M, H] scratch (dL/dh_t and its direct part dh·z)."""
+                   SPLIT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dgi, dgh [M, P, 3H] ← gate gradients (dgh with SPLIT: [2, M, P, 3H], hi and lo planes); dh, dd: [M, H]
+    scratch (dL/dh_t and its direct part dh·z)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     G = 3 * H
+    lo = M * P * G  # the lo plane of dgh
     for s in range(0, P):
         t = P - 1 - s
         for n0 in range(0, H, BLOCK_N):
@@ -213,9 +228,9 @@ def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_pt
             tl.store(dgi_ptr + at, dar, mask=mask)
             tl.store(dgi_ptr + at + H, daz, mask=mask)
             tl.store(dgi_ptr + at + 2 * H, dan, mask=mask)
-            tl.store(dgh_ptr + at, dar, mask=mask)
-            tl.store(dgh_ptr + at + H, daz, mask=mask)
-            tl.store(dgh_ptr + at + 2 * H, dan * r, mask=mask)
+            _store_split(dgh_ptr + at, lo, dar, mask, SPLIT)
+            _store_split(dgh_ptr + at + H, lo, daz, mask, SPLIT)
+            _store_split(dgh_ptr + at + 2 * H, lo, dan * r, mask, SPLIT)
             tl.store(dd_ptr + unit, dh * z, mask=mask)
         tl.debug_barrier()
         if t > 0:
@@ -440,32 +455,57 @@ def _recurrence_fwd(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih
     return hid, out, gates
 
 
+def _split(x, dtype):
+    """fp32 x as the pair hi + lo in dtype (bf16): 16 significant bits, and x's exponent range."""
+    hi = x.to(dtype)
+    return hi, (x - hi.float()).to(dtype)
+
+
+def _mm_parts(parts, b):
+    """Σ_p p @ b over the parts of a split operand."""
+    out = _mm(parts[0], b)
+    for part in parts[1:]:
+        out += _mm(part, b)
+    return out
+
+
 def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates):
-    """The six GRU gradients, in the input dtype, from dL/dhidden [M, P, h]."""
+    """The six GRU gradients, in the input dtype, from dL/dhidden [M, P, h].
+
+    bf16 inputs: the fp32 gradient operand of each weight-gradient GEMM is split into bf16 hi + lo and the other
+    operand is bf16 (the inputs; h_{t-1} rounded to bf16, as bf16 training holds it), so each GEMM is two tensor-core
+    GEMMs with fp32 sums instead of one on fp32 cores. Storing dgh in bf16 alone would double these gradients'
+    error (it failed the SPEC §3 rule at M 1000)."""
     (M, h), P = context.shape, prev_bytes.shape[1]
     dtype, a = context.dtype, acc_dtype(context.dtype)
     cfg = _Config(h, dtype, context.device)
+    split = dtype == torch.bfloat16  # fp16's exponent range would flush a small lo (and hi) to zero
     dH = grad_hidden.to(a).contiguous()
     dgi = torch.empty(M, P, 3 * h, dtype=a, device=context.device)
-    dgh = torch.empty_like(dgi)
+    dgh = torch.empty(2 if split else 1, M, P, 3 * h, dtype=dtype if split else a, device=context.device)
     if M > 0:
         scratch = torch.empty(2, M, h, dtype=a, device=context.device)
         gru_bwd_kernel[(triton.cdiv(M, cfg.block_m),)](
-            dH, hidden, gates, weight_hh.contiguous(), dgi, dgh, scratch[0], scratch[1], M, P, h,
+            dH, hidden, gates, weight_hh.contiguous(), dgi, dgh, scratch[0], scratch[1], M, P, h, SPLIT=split,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.dots())
     # weight gradients: GEMMs over the stored gate gradients
-    w_ih = weight_ih.to(a)
     dgc = dgi.sum(1)
-    dctx = dgc @ w_ih[:, h:]
-    dw_c = dgc.T @ context.to(a)
+    if split:
+        dgc_parts, op = _split(dgc, dtype), dtype
+    else:
+        dgc_parts, op = (dgc,), a
+    h_op = hidden.to(op)
+    dctx = _mm_parts(dgc_parts, weight_ih[:, h:].to(op))
+    dw_c = _mm_parts([p.T for p in dgc_parts], context.to(op))
     dw_hh = torch.zeros(3 * h, h, dtype=a, device=context.device)
     for t in range(1, P):
-        dw_hh.addmm_(dgh[:, t].T, hidden[:, t - 1])
+        dw_hh += _mm_parts([plane[:, t].T for plane in dgh], h_op[:, t - 1])
+    w_ih = weight_ih.to(a)
     dtable = torch.zeros(VOCAB, 3 * h, dtype=a, device=context.device)
     dtable.index_add_(0, prev_bytes.reshape(-1).long(), dgi.reshape(-1, 3 * h))
     dw_e = dtable.T @ byte_emb.to(a)
     demb = dtable @ w_ih[:, :h]
-    grads = (dctx, demb, torch.cat([dw_e, dw_c], 1), dw_hh, dgc.sum(0), dgh.sum((0, 1)))
+    grads = (dctx, demb, torch.cat([dw_e, dw_c], 1), dw_hh, dgc.sum(0), dgh.sum((0, 1, 2), dtype=a))
     return tuple(g.to(dtype) for g in grads)
 
 
