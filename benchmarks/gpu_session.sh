@@ -8,10 +8,12 @@
 #   benchmarks/gpu_session.sh build:60 test:300 bench:230            # stage:seconds, in order
 #   benchmarks/gpu_session.sh bench:500 -- --op gru_patch_loss       # arguments after -- go to benchmarks.run
 #   benchmarks/gpu_session.sh build:60 profile:120 -- --op gru_patch_decode --case M8192   # top 12 kernels
+#   benchmarks/gpu_session.sh tune:200                                # GRU Triton block sizes (benchmarks/tune_gru.py)
 #   PYTEST_ARGS="-m gpu" benchmarks/gpu_session.sh test:300           # a subset of the tests
 #
-# Logs and the benchmark JSONs (cuda-bench.json, cuda-profile.json) land in $OUT (default /tmp/agiformer-gpu).
-# Wheels under .whl/ (flash-linear-attention, for its baseline) are installed first when present.
+# Logs and the benchmark JSONs (cuda-bench.json, cuda-profile.json, gru-tune.json) land in $OUT (default
+# /tmp/agiformer-gpu). Wheels under .whl/ (flash-linear-attention, for its baseline) are installed first when
+# present.
 set -uo pipefail
 OUT=${OUT:-/tmp/agiformer-gpu}
 mkdir -p "$OUT"
@@ -69,6 +71,10 @@ for stage in "${stages[@]}"; do
     profile)
         timeout "$limit" python3 -m benchmarks.run --device cuda --profile 12 --no-memory \
             --out "$OUT/cuda-profile.json" "${bench_args[@]}" 2>&1 | tee "$OUT/cuda-profile.log" | tail -80 || status=1
+        ;;
+    tune)
+        timeout "$limit" python3 -m benchmarks.tune_gru --out "$OUT/gru-tune.json" 2>&1 | tee "$OUT/gru-tune.log" |
+            tail -60 || status=1
         ;;
     *) echo "unknown stage $name"; exit 2 ;;
     esac

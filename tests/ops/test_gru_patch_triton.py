@@ -211,3 +211,15 @@ def test_gradients_of_unused_outputs_are_skipped():
     x["weight_hh"].requires_grad_()
     gru_patch_decode(*decode_args(x, b), backend="triton").sum().backward()
     assert x["weight_hh"].grad is not None and all(x[k].grad is None for k in DECODE_NAMES if k != "weight_hh")
+
+
+def test_gpu_config_per_kernel():
+    """On a GPU each recurrence kernel launches with its own _Config.GPU entry (what benchmarks/tune_gru.py varies),
+    its blocks capped at the hidden size's power of two."""
+    from agiformer_kernels.ops.gru_patch import triton as gt
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    for kernel, config in gt._Config.GPU.items():
+        args = gt._Config(256, BF16, cuda, kernel).recurrence()
+        assert (args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"], args["num_warps"]) == config
+    assert gt._Config(16, BF16, cuda, "bwd").recurrence()["BLOCK_K"] == 16

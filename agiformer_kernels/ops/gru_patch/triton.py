@@ -124,11 +124,6 @@ def _gru_units(gc_ptr, table_ptr, b, w_hh_ptr, b_hh_ptr, hprev_ptr, stride_hprev
     h_{t-1} is read from hprev_ptr (row stride stride_hprev); t == 0 means h_{t-1} = 0."""
     G = 3 * H
     mask = row_ok[:, None] & col_ok[None, :]
-    gc = gc_ptr + rows[:, None] * G + cols[None, :]
-    tb = table_ptr + b[:, None] * G + cols[None, :]
-    a_r = tl.load(gc, mask=mask, other=0.0) + tl.load(tb, mask=mask, other=0.0)
-    a_z = tl.load(gc + H, mask=mask, other=0.0) + tl.load(tb + H, mask=mask, other=0.0)
-    i_n = tl.load(gc + 2 * H, mask=mask, other=0.0) + tl.load(tb + 2 * H, mask=mask, other=0.0)
     hr = tl.zeros([BLOCK_M, BLOCK_N], ACC) + tl.load(b_hh_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     hz = tl.zeros([BLOCK_M, BLOCK_N], ACC) + tl.load(b_hh_ptr + H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     hn = tl.zeros([BLOCK_M, BLOCK_N], ACC) + tl.load(b_hh_ptr + 2 * H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
@@ -147,6 +142,12 @@ def _gru_units(gc_ptr, table_ptr, b, w_hh_ptr, b_hh_ptr, hprev_ptr, stride_hprev
             hz = _dot(hk, tl.load(w + H * H, mask=wmask, other=0.0), hz, PRECISION, UPCAST)
             hn = _dot(hk, tl.load(w + 2 * H * H, mask=wmask, other=0.0), hn, PRECISION, UPCAST)
         hp = tl.load(hprev_ptr + rows[:, None] * stride_hprev + cols[None, :], mask=mask, other=0.0)
+    # the input parts after the products: not live across their loop (register pressure)
+    gc = gc_ptr + rows[:, None] * G + cols[None, :]
+    tb = table_ptr + b[:, None] * G + cols[None, :]
+    a_r = tl.load(gc, mask=mask, other=0.0) + tl.load(tb, mask=mask, other=0.0)
+    a_z = tl.load(gc + H, mask=mask, other=0.0) + tl.load(tb + H, mask=mask, other=0.0)
+    i_n = tl.load(gc + 2 * H, mask=mask, other=0.0) + tl.load(tb + 2 * H, mask=mask, other=0.0)
     r = _sigmoid(a_r + hr)
     z = _sigmoid(a_z + hz)
     n = _tanh(i_n + r * hn)
@@ -399,15 +400,19 @@ def ce_bwd_dw_kernel(h_ptr, hw_ptr, hb_ptr, y_ptr, lse_ptr, g_ptr, dw_ptr, db_pt
 
 
 class _Config:
-    """Block sizes and dot flags of one call. The interpreter runs programs one after another, so it
-    gets the widest blocks (fewest programs and loop trips); a GPU gets register-sized ones."""
+    """Block sizes, warps and dot flags of one call. The interpreter runs programs one after another, so it
+    gets the widest blocks (fewest programs and loop trips); a GPU gets register-sized ones, per recurrence kernel:
+    GPU[kernel] = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), what ``benchmarks/tune_gru.py`` times against others."""
 
-    def __init__(self, h: int, dtype: torch.dtype, device: torch.device):
+    GPU = {"fwd": (32, 64, 64, 4), "bwd": (32, 64, 64, 4), "sample": (32, 64, 64, 4)}
+
+    def __init__(self, h: int, dtype: torch.dtype, device: torch.device, kernel: str = "fwd"):
         width = max(16, triton.next_power_of_2(h))
         gpu = device.type == "cuda"
-        self.block_m = 32 if gpu else 256
-        self.block_n = min(width, 64 if gpu else 256)
-        self.block_k = min(width, 64 if gpu else 256)
+        block_m, block_n, block_k, self.num_warps = self.GPU[kernel] if gpu else (256, 256, 256, 4)
+        self.block_m = block_m
+        self.block_n = min(width, block_n)
+        self.block_k = min(width, block_k)
         self.block_r = 32 if gpu else 512  # rows of the head kernels
         self.block_v = 32 if gpu else VOCAB
         self.block_h = width
@@ -417,6 +422,11 @@ class _Config:
 
     def dots(self) -> dict:
         return dict(ACC=self.acc, PRECISION=self.precision, UPCAST=self.upcast)
+
+    def recurrence(self) -> dict:
+        """The launch arguments of a recurrence kernel: its blocks, warps and dot flags."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps,
+                    **self.dots())
 
 
 def _mm(a, b):
@@ -451,7 +461,7 @@ def _recurrence_fwd(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih
         gru_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
             gc, table, prev_bytes.contiguous(), weight_hh.contiguous(), bias_hh.contiguous(), hid,
             hid if out is None else out, gates if save else hid, M, P, h, SAVE=save, CAST_OUT=cast_out,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.dots())
+            **cfg.recurrence())
     return hid, out, gates
 
 
@@ -478,7 +488,7 @@ def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weigh
     error (it failed the SPEC §3 rule at M 1000)."""
     (M, h), P = context.shape, prev_bytes.shape[1]
     dtype, a = context.dtype, acc_dtype(context.dtype)
-    cfg = _Config(h, dtype, context.device)
+    cfg = _Config(h, dtype, context.device, "bwd")
     split = dtype == torch.bfloat16  # fp16's exponent range would flush a small lo (and hi) to zero
     dH = grad_hidden.to(a).contiguous()
     dgi = torch.empty(M, P, 3 * h, dtype=a, device=context.device)
@@ -487,7 +497,7 @@ def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weigh
         scratch = torch.empty(2, M, h, dtype=a, device=context.device)
         gru_bwd_kernel[(triton.cdiv(M, cfg.block_m),)](
             dH, hidden, gates, weight_hh.contiguous(), dgi, dgh, scratch[0], scratch[1], M, P, h, SPLIT=split,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.dots())
+            **cfg.recurrence())
     # weight gradients: GEMMs over the stored gate gradients
     dgc = dgi.sum(1)
     if split:
@@ -649,7 +659,7 @@ def sample_op(context: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Te
               patch_size: int, temperature: float, top_k: int, prefix: torch.Tensor | None,
               sos: int, seed: torch.Tensor | None, byte_table: torch.Tensor | None) -> torch.Tensor:
     M, h = context.shape
-    cfg = _Config(h, context.dtype, context.device)
+    cfg = _Config(h, context.dtype, context.device, "sample")
     out = torch.empty(M, patch_size, dtype=torch.int64, device=context.device)
     if M == 0:
         return out
@@ -661,8 +671,8 @@ def sample_op(context: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Te
     gru_sample_kernel[(triton.cdiv(M, cfg.block_m),)](
         gc, table, weight_hh.contiguous(), bias_hh.contiguous(), head_weight.contiguous(), head_bias.contiguous(),
         pre, out if greedy else seed, out, scratch, M, patch_size, h, forced, sos,
-        0.0 if greedy else 1.0 / temperature, top_k, GREEDY=greedy, TOP_K=0 < top_k < VOCAB,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, V=VOCAB, **cfg.dots())
+        0.0 if greedy else 1.0 / temperature, top_k, GREEDY=greedy, TOP_K=0 < top_k < VOCAB, V=VOCAB,
+        **cfg.recurrence())
     return out
 
 
