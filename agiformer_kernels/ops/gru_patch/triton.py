@@ -222,17 +222,18 @@ def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_pt
             hp = tl.zeros([BLOCK_M, BLOCK_N], ACC)
             if t > 0:
                 hp = tl.load(hid_ptr + (rows[:, None] * P + t - 1) * H + cols[None, :], mask=mask, other=0.0)
-            dan = dh * (1.0 - z) * (1.0 - n * n)
-            daz = dh * (hp - n) * z * (1.0 - z)
-            dar = dan * hn * r * (1.0 - r)
             at = (rows[:, None] * P + t) * G + cols[None, :]
-            tl.store(dgi_ptr + at, dar, mask=mask)
-            tl.store(dgi_ptr + at + H, daz, mask=mask)
-            tl.store(dgi_ptr + at + 2 * H, dan, mask=mask)
-            _store_split(dgh_ptr + at, lo, dar, mask, SPLIT)
-            _store_split(dgh_ptr + at + H, lo, daz, mask, SPLIT)
-            _store_split(dgh_ptr + at + 2 * H, lo, dan * r, mask, SPLIT)
+            # each gate's two gradients stored as soon as they are formed (fewer tiles live at once)
             tl.store(dd_ptr + unit, dh * z, mask=mask)
+            daz = dh * (hp - n) * z * (1.0 - z)
+            tl.store(dgi_ptr + at + H, daz, mask=mask)
+            _store_split(dgh_ptr + at + H, lo, daz, mask, SPLIT)
+            dan = dh * (1.0 - z) * (1.0 - n * n)
+            tl.store(dgi_ptr + at + 2 * H, dan, mask=mask)
+            _store_split(dgh_ptr + at + 2 * H, lo, dan * r, mask, SPLIT)
+            dar = dan * hn * r * (1.0 - r)
+            tl.store(dgi_ptr + at, dar, mask=mask)
+            _store_split(dgh_ptr + at, lo, dar, mask, SPLIT)
         tl.debug_barrier()
         if t > 0:
             # dL/dh_{t-1} = dh·z + dgh_t·W_hh + upstream at t-1
