@@ -8,7 +8,7 @@
 #   benchmarks/gpu_session.sh build:60 test:300 bench:230            # stage:seconds, in order
 #   benchmarks/gpu_session.sh bench:500 -- --op gru_patch_loss       # arguments after -- go to benchmarks.run
 #   benchmarks/gpu_session.sh build:60 profile:120 -- --op gru_patch_decode --case M8192   # top 12 kernels
-#   benchmarks/gpu_session.sh tune:200                                # GRU Triton block sizes (benchmarks/tune_gru.py)
+#   benchmarks/gpu_session.sh tune:300                                # GRU Triton block sizes (benchmarks/tune_gru.py)
 #   PYTEST_ARGS="-m gpu" benchmarks/gpu_session.sh test:300           # a subset of the tests
 #
 # Logs and the benchmark JSONs (cuda-bench.json, cuda-profile.json, gru-tune.json) land in $OUT (default
