@@ -198,12 +198,12 @@ def _store_split(ptr, lo_offset, x, mask, SPLIT: tl.constexpr):
 def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_ptr, dd_ptr, M, P, H,
                    SPLIT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dgi, dgh [M, P, 3H] ← gate gradients (dgh with SPLIT: [2, M, P, 3H], hi and lo planes); dh, dd: [M, H]
-    scratch (dL/dh_t and its direct part dh·z)."""
+    """dgi [P, M, 3H], dgh [P, M, 3H] (with SPLIT [P, M, 6H]: hi | lo) ← gate gradients; dh, dd: [M, H] scratch
+    (dL/dh_t and its direct part dh·z). Step-major: W_hh's gradient takes all steps in one batched GEMM."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     G = 3 * H
-    lo = M * P * G  # the lo plane of dgh
+    GH = 2 * G if SPLIT else G  # a row of dgh
     for s in range(0, P):
         t = P - 1 - s
         for n0 in range(0, H, BLOCK_N):
@@ -222,18 +222,20 @@ def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_pt
             hp = tl.zeros([BLOCK_M, BLOCK_N], ACC)
             if t > 0:
                 hp = tl.load(hid_ptr + (rows[:, None] * P + t - 1) * H + cols[None, :], mask=mask, other=0.0)
-            at = (rows[:, None] * P + t) * G + cols[None, :]
+            step_row = t * M + rows[:, None]
+            at = step_row * G + cols[None, :]
+            ah = step_row * GH + cols[None, :]
             # each gate's two gradients stored as soon as they are formed (fewer tiles live at once)
             tl.store(dd_ptr + unit, dh * z, mask=mask)
             daz = dh * (hp - n) * z * (1.0 - z)
             tl.store(dgi_ptr + at + H, daz, mask=mask)
-            _store_split(dgh_ptr + at + H, lo, daz, mask, SPLIT)
+            _store_split(dgh_ptr + ah + H, G, daz, mask, SPLIT)
             dan = dh * (1.0 - z) * (1.0 - n * n)
             tl.store(dgi_ptr + at + 2 * H, dan, mask=mask)
-            _store_split(dgh_ptr + at + 2 * H, lo, dan * r, mask, SPLIT)
+            _store_split(dgh_ptr + ah + 2 * H, G, dan * r, mask, SPLIT)
             dar = dan * hn * r * (1.0 - r)
             tl.store(dgi_ptr + at, dar, mask=mask)
-            _store_split(dgh_ptr + at, lo, dar, mask, SPLIT)
+            _store_split(dgh_ptr + ah, G, dar, mask, SPLIT)
         tl.debug_barrier()
         if t > 0:
             # dL/dh_{t-1} = dh·z + dgh_t·W_hh + upstream at t-1
@@ -249,7 +251,7 @@ def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_pt
                     k_ok = ks < G
                     w = tl.load(w_hh_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                                 other=0.0)
-                    d = tl.load(dgh_ptr + (rows[:, None] * P + t) * G + ks[None, :],
+                    d = tl.load(dgh_ptr + (t * M + rows[:, None]) * GH + ks[None, :],
                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     acc = _dot(d.to(w.dtype), w, acc, PRECISION, UPCAST)
                 tl.store(dh_ptr + unit, acc, mask=mask)
@@ -472,51 +474,52 @@ def _split(x, dtype):
     return hi, (x - hi.float()).to(dtype)
 
 
-def _mm_parts(parts, b):
-    """Σ_p p @ b over the parts of a split operand."""
-    out = _mm(parts[0], b)
-    for part in parts[1:]:
-        out += _mm(part, b)
-    return out
+def _bmm(a, b):
+    """The batched _mm."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return torch.bmm(a, b)
+    return torch.bmm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.bmm(a.float(), b.float())
 
 
 def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates):
     """The six GRU gradients, in the input dtype, from dL/dhidden [M, P, h].
 
     bf16 inputs: the fp32 gradient operand of each weight-gradient GEMM is split into bf16 hi + lo and the other
-    operand is bf16 (the inputs; h_{t-1} rounded to bf16, as bf16 training holds it), so each GEMM is two tensor-core
-    GEMMs with fp32 sums instead of one on fp32 cores. Storing dgh in bf16 alone would double these gradients'
-    error (it failed the SPEC §3 rule at M 1000)."""
+    operand is bf16 (the inputs; h_{t-1} rounded to bf16, as bf16 training holds it), so the GEMMs run on tensor
+    cores with fp32 sums, at twice the products, instead of on fp32 cores. The kernel stores dgh split (hi | lo
+    side by side in a row). Storing dgh in bf16 alone would double these gradients' error (it failed the SPEC §3
+    rule at M 1000)."""
     (M, h), P = context.shape, prev_bytes.shape[1]
     dtype, a = context.dtype, acc_dtype(context.dtype)
     cfg = _Config(h, dtype, context.device, "bwd")
     split = dtype == torch.bfloat16  # fp16's exponent range would flush a small lo (and hi) to zero
+    op = dtype if split else a  # the GEMMs' operand dtype
     dH = grad_hidden.to(a).contiguous()
-    dgi = torch.empty(M, P, 3 * h, dtype=a, device=context.device)
-    dgh = torch.empty(2 if split else 1, M, P, 3 * h, dtype=dtype if split else a, device=context.device)
+    dgi = torch.empty(P, M, 3 * h, dtype=a, device=context.device)
+    dgh = torch.empty(P, M, (2 if split else 1) * 3 * h, dtype=op, device=context.device)
     if M > 0:
         scratch = torch.empty(2, M, h, dtype=a, device=context.device)
         gru_bwd_kernel[(triton.cdiv(M, cfg.block_m),)](
             dH, hidden, gates, weight_hh.contiguous(), dgi, dgh, scratch[0], scratch[1], M, P, h, SPLIT=split,
             **cfg.recurrence())
     # weight gradients: GEMMs over the stored gate gradients
-    dgc = dgi.sum(1)
-    if split:
-        dgc_parts, op = _split(dgc, dtype), dtype
-    else:
-        dgc_parts, op = (dgc,), a
-    h_op = hidden.to(op)
-    dctx = _mm_parts(dgc_parts, weight_ih[:, h:].to(op))
-    dw_c = _mm_parts([p.T for p in dgc_parts], context.to(op))
+    dgc = dgi.sum(0)
+    dgc_parts = _split(dgc, dtype) if split else (dgc,)
+    dctx = _mm(dgc_parts[0], weight_ih[:, h:].to(op))
+    dw_c = _mm(dgc_parts[0].T, context.to(op))
+    for part in dgc_parts[1:]:
+        dctx += _mm(part, weight_ih[:, h:])
+        dw_c += _mm(part.T, context)
     dw_hh = torch.zeros(3 * h, h, dtype=a, device=context.device)
-    for t in range(1, P):
-        dw_hh += _mm_parts([plane[:, t].T for plane in dgh], h_op[:, t - 1])
+    if P > 1:  # Σ_{t≥1} dgh_tᵀ·h_{t-1}: the steps in one batched GEMM (hi and lo rows stacked in its output), summed
+        dw_hh = _bmm(dgh[1:].transpose(1, 2), hidden[:, :-1].to(op).transpose(0, 1)).sum(0).view(-1, 3 * h, h).sum(0)
     w_ih = weight_ih.to(a)
     dtable = torch.zeros(VOCAB, 3 * h, dtype=a, device=context.device)
-    dtable.index_add_(0, prev_bytes.reshape(-1).long(), dgi.reshape(-1, 3 * h))
+    dtable.index_add_(0, prev_bytes.T.reshape(-1).long(), dgi.view(-1, 3 * h))
     dw_e = dtable.T @ byte_emb.to(a)
     demb = dtable @ w_ih[:, :h]
-    grads = (dctx, demb, torch.cat([dw_e, dw_c], 1), dw_hh, dgc.sum(0), dgh.sum((0, 1, 2), dtype=a))
+    db_hh = dgh.sum((0, 1), dtype=a).view(-1, 3 * h).sum(0)
+    grads = (dctx, demb, torch.cat([dw_e, dw_c], 1), dw_hh, dgc.sum(0), db_hh)
     return tuple(g.to(dtype) for g in grads)
 
 
