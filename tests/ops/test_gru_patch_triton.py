@@ -115,8 +115,8 @@ if kernel == "sample":
     const = dict(GREEDY=mode == "greedy", TOP_K=mode == "top_k", V=256)
 else:  # the backward of bf16 inputs: W_hh and the hi/lo planes of dgh in bf16, the rest fp32
     k = gt.gru_bwd_kernel
-    sig = {n: "*fp32" for n in ("dH_ptr", "hid_ptr", "gates_ptr", "dgi_ptr", "dh_ptr", "dd_ptr")}
-    sig.update({n: "*bf16" for n in ("w_hh_ptr", "dgh_ptr")}, M="i32", P="i32", H="i32")
+    sig = {n: "*fp32" for n in ("hid_ptr", "gates_ptr", "dgi_ptr", "dh_ptr", "dd_ptr")}
+    sig.update({n: "*bf16" for n in ("dH_ptr", "w_hh_ptr", "dgh_ptr")}, M="i32", P="i32", H="i32")
     const = dict(SPLIT=mode == "split")
 const.update(ACC=tl.float64 if dtype == "fp64" else tl.float32, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64,
              PRECISION="ieee", UPCAST=False)

@@ -198,8 +198,9 @@ def _store_split(ptr, lo_offset, x, mask, SPLIT: tl.constexpr):
 def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_ptr, dd_ptr, M, P, H,
                    SPLIT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dgi [P, M, 3H], dgh [P, M, 3H] (with SPLIT [P, M, 6H]: hi | lo) ← gate gradients; dh, dd: [M, H] scratch
-    (dL/dh_t and its direct part dh·z). Step-major: W_hh's gradient takes all steps in one batched GEMM."""
+    """dgi [P, M, 3H], dgh [P, M, 3H] (with SPLIT [P, M, 6H]: hi | lo) ← gate gradients from dH = dL/dhidden
+    [M, P, H] (any float dtype); dh, dd: [M, H] scratch (dL/dh_t and its direct part dh·z). Step-major: W_hh's
+    gradient takes all steps in one batched GEMM."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     G = 3 * H
@@ -211,7 +212,7 @@ def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_pt
             mask = row_ok[:, None] & (cols < H)[None, :]
             unit = rows[:, None] * H + cols[None, :]
             if s == 0:
-                dh = tl.load(dH_ptr + (rows[:, None] * P + t) * H + cols[None, :], mask=mask, other=0.0)
+                dh = tl.load(dH_ptr + (rows[:, None] * P + t) * H + cols[None, :], mask=mask, other=0.0).to(ACC)
             else:
                 dh = tl.load(dh_ptr + unit, mask=mask, other=0.0)
             g = gates_ptr + (rows[:, None] * P + t) * 4 * H + cols[None, :]
@@ -245,7 +246,7 @@ def gru_bwd_kernel(dH_ptr, hid_ptr, gates_ptr, w_hh_ptr, dgi_ptr, dgh_ptr, dh_pt
                 mask = row_ok[:, None] & col_ok[None, :]
                 unit = rows[:, None] * H + cols[None, :]
                 acc = tl.load(dd_ptr + unit, mask=mask, other=0.0) + tl.load(
-                    dH_ptr + (rows[:, None] * P + t - 1) * H + cols[None, :], mask=mask, other=0.0)
+                    dH_ptr + (rows[:, None] * P + t - 1) * H + cols[None, :], mask=mask, other=0.0).to(ACC)
                 for k0 in range(0, G, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
                     k_ok = ks < G
@@ -494,14 +495,13 @@ def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weigh
     cfg = _Config(h, dtype, context.device, "bwd")
     split = dtype == torch.bfloat16  # fp16's exponent range would flush a small lo (and hi) to zero
     op = dtype if split else a  # the GEMMs' operand dtype
-    dH = grad_hidden.to(a).contiguous()
     dgi = torch.empty(P, M, 3 * h, dtype=a, device=context.device)
     dgh = torch.empty(P, M, (2 if split else 1) * 3 * h, dtype=op, device=context.device)
     if M > 0:
         scratch = torch.empty(2, M, h, dtype=a, device=context.device)
         gru_bwd_kernel[(triton.cdiv(M, cfg.block_m),)](
-            dH, hidden, gates, weight_hh.contiguous(), dgi, dgh, scratch[0], scratch[1], M, P, h, SPLIT=split,
-            **cfg.recurrence())
+            grad_hidden.contiguous(), hidden, gates, weight_hh.contiguous(), dgi, dgh, scratch[0], scratch[1], M, P, h,
+            SPLIT=split, **cfg.recurrence())
     # weight gradients: GEMMs over the stored gate gradients
     dgc = dgi.sum(0)
     dgc_parts = _split(dgc, dtype) if split else (dgc,)
