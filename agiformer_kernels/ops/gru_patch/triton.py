@@ -10,9 +10,10 @@ run all P steps of a tile of BLOCK_M patches:
   stored. A barrier per step makes h_t visible to the whole program.
 - ``gru_bwd_kernel``: same grid, the steps in reverse: gate gradients dgi = dL/d(W_ih·x), dgh =
   dL/d(W_hh·h) stored per step, dL/dh_{t-1} = dh·z + dgh·W_hh + upstream kept in a [M, h] scratch row.
-  Weight gradients are then GEMMs over those stored gate gradients (and one index_add for the table). For
-  bf16 inputs those GEMMs run on tensor cores: dgh is stored as two bf16 planes hi + lo (16 significant bits;
-  the first is what the kernel's own dgh·W_hh takes) and the small dgc = Σ_t dgi is split the same way.
+  Weight gradients are then GEMMs over those stored gate gradients (and one index_add for the table), W_hh's
+  over all steps in one batched GEMM (the gradients are stored step-major). For bf16 inputs those GEMMs run on
+  tensor cores: dgh is stored as bf16 hi | lo (16 significant bits; hi is what the kernel's own dgh·W_hh takes)
+  and the small dgc = Σ_t dgi is split the same way.
 - ``gru_sample_kernel``: the fwd step, then logits = h·W_headᵀ + b (BLOCK_M×256 on chip), the byte
   chosen in-kernel (argmax, or inverse CDF of softmax(logits/T) restricted to the top_k with the
   counter-based hash of reference.counter_uniform), and fed back as the next step's gather index.
