@@ -1,11 +1,12 @@
 """Time the Triton GRU recurrence kernels at other block sizes and warp counts: a lent GPU's tool.
 
     python -m benchmarks.tune_gru                                  # SPEC §3 GRU shapes, bf16, CANDIDATES
-    python -m benchmarks.tune_gru --m 8192 --kernel bwd --config 32,64,64,8
+    python -m benchmarks.tune_gru --m 8192 --kernel bwd --config 32,64,64,8,3
 
 The kernels are gru_patch_decode's forward ("fwd") and backward ("bwd", timed as fwd+bwd with the forward at its
 default) and greedy gru_patch_sample with the byte table ("sample"). A config is (BLOCK_M, BLOCK_N, BLOCK_K,
-num_warps), set in ``_Config.GPU`` of agiformer_kernels/ops/gru_patch/triton.py for one kernel at a time. Each
+num_warps, num_stages), set in ``_Config.GPU`` of agiformer_kernels/ops/gru_patch/triton.py for one kernel at a
+time. Each
 config's output is checked against the default config's (relative RMS of the hidden states and of every
 gradient; the share of equal bytes for sampling), then timed (``triton.testing.do_bench``). The table goes to
 stdout and the rows to a JSON (``--out``). The faster configs that pass belong in ``_Config.GPU``.
@@ -30,9 +31,10 @@ from agiformer_kernels import gru_patch_byte_table, gru_patch_decode, gru_patch_
 from agiformer_kernels.ops.gru_patch import triton as gru_triton
 from benchmarks.run import commit, device_name, time_ms, versions
 
-# the default first; then those that spill least in ptxas's report (Triton 3.6, sm_90, bf16), and larger row blocks
-CANDIDATES = [(32, 64, 64, 4), (32, 64, 64, 8), (32, 64, 32, 8), (32, 32, 32, 4), (32, 32, 64, 4), (16, 64, 64, 4),
-              (64, 32, 64, 4), (64, 64, 64, 8)]
+# the default first; then those that spill least in ptxas's report (Triton 3.6, sm_90, bf16), larger row blocks,
+# and deeper or shallower pipelines (the K loops are 4 to 12 trips)
+CANDIDATES = [(32, 64, 64, 4, 3), (32, 64, 64, 8, 3), (32, 64, 32, 8, 3), (32, 32, 32, 4, 3), (32, 32, 64, 4, 3),
+              (16, 64, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 64, 8, 3), (32, 64, 32, 8, 4), (32, 64, 64, 8, 2)]
 KERNELS = ("fwd", "bwd", "sample")
 WEIGHTS = ("byte_emb", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -122,7 +124,7 @@ def tune(kernel: str, M: int, P: int, h: int, configs: list, device: str, dtype:
 
 
 def format_row(r: dict) -> str:
-    config = "BLOCK_M %d BLOCK_N %d BLOCK_K %d warps %d" % tuple(r["config"])
+    config = "BLOCK_M %d BLOCK_N %d BLOCK_K %d warps %d stages %d" % tuple(r["config"])
     mark = " (default)" if r["default"] else ""
     if "error" in r:
         return f"{r['kernel']:7s} M{r['M']:<6d} {config}{mark}: {r['error']}"
@@ -132,8 +134,8 @@ def format_row(r: dict) -> str:
 
 def parse_config(text: str) -> tuple:
     values = tuple(int(v) for v in text.split(","))
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"a config is BLOCK_M,BLOCK_N,BLOCK_K,num_warps, got {text!r}")
+    if len(values) != 5:
+        raise argparse.ArgumentTypeError(f"a config is BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages, got {text!r}")
     return values
 
 
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--m", type=int, action="append", help="patches (repeatable; default 8192 and 65536)")
     parser.add_argument("--p", type=int, default=4)
     parser.add_argument("--h", type=int, default=256)
-    parser.add_argument("--config", type=parse_config, action="append", help="BLOCK_M,BLOCK_N,BLOCK_K,num_warps")
+    parser.add_argument("--config", type=parse_config, action="append",
+                        help="BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per config (CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gru-tune.json")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ from agiformer_kernels.ops.gru_patch import triton as gru_triton  # noqa: E402
 def test_tune_writes_a_checked_row_per_config(tmp_path, capsys):
     out = tmp_path / "tune.json"
     default = dict(gru_triton._Config.GPU)
-    configs = ["32,64,64,4", "16,32,32,8"]
+    configs = ["32,64,64,4,3", "16,32,32,8,2"]
     argv = ["--m", "5", "--p", "3", "--h", "32", "--min-run-time", "0.01", "--out", str(out)]
     assert tune_gru.main(argv + [a for c in configs for a in ("--config", c)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -35,4 +35,4 @@ def test_disagreement_sees_a_wrong_output():
 
 def test_bad_config_is_refused():
     with pytest.raises(SystemExit):
-        tune_gru.main(["--config", "32,64,64"])
+        tune_gru.main(["--config", "32,64,64,4"])

@@ -221,5 +221,5 @@ def test_gpu_config_per_kernel():
     cuda = torch.device("cuda")  # only its type is read: no GPU needed
     for kernel, config in gt._Config.GPU.items():
         args = gt._Config(256, BF16, cuda, kernel).recurrence()
-        assert (args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"], args["num_warps"]) == config
+        assert (args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"], args["num_warps"], args["num_stages"]) == config
     assert gt._Config(16, BF16, cuda, "bwd").recurrence()["BLOCK_K"] == 16

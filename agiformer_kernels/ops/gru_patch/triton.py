@@ -407,14 +407,15 @@ def ce_bwd_dw_kernel(h_ptr, hw_ptr, hb_ptr, y_ptr, lse_ptr, g_ptr, dw_ptr, db_pt
 class _Config:
     """Block sizes, warps and dot flags of one call. The interpreter runs programs one after another, so it
     gets the widest blocks (fewest programs and loop trips); a GPU gets register-sized ones, per recurrence kernel:
-    GPU[kernel] = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), what ``benchmarks/tune_gru.py`` times against others."""
+    GPU[kernel] = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), what ``benchmarks/tune_gru.py`` times against
+    others (3 stages: Triton's default on sm_90)."""
 
-    GPU = {"fwd": (32, 64, 64, 4), "bwd": (32, 64, 64, 4), "sample": (32, 64, 64, 4)}
+    GPU = {"fwd": (32, 64, 64, 4, 3), "bwd": (32, 64, 64, 4, 3), "sample": (32, 64, 64, 4, 3)}
 
     def __init__(self, h: int, dtype: torch.dtype, device: torch.device, kernel: str = "fwd"):
         width = max(16, triton.next_power_of_2(h))
         gpu = device.type == "cuda"
-        block_m, block_n, block_k, self.num_warps = self.GPU[kernel] if gpu else (256, 256, 256, 4)
+        block_m, block_n, block_k, self.num_warps, self.num_stages = self.GPU[kernel] if gpu else (256, 256, 256, 4, 1)
         self.block_m = block_m
         self.block_n = min(width, block_n)
         self.block_k = min(width, block_k)
@@ -429,9 +430,9 @@ class _Config:
         return dict(ACC=self.acc, PRECISION=self.precision, UPCAST=self.upcast)
 
     def recurrence(self) -> dict:
-        """The launch arguments of a recurrence kernel: its blocks, warps and dot flags."""
+        """The launch arguments of a recurrence kernel: its blocks, warps, stages and dot flags."""
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_warps=self.num_warps,
-                    **self.dots())
+                    num_stages=self.num_stages, **self.dots())
 
 
 def _mm(a, b):
@@ -512,7 +513,7 @@ def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weigh
         dctx += _mm(part, weight_ih[:, h:])
         dw_c += _mm(part.T, context)
     dw_hh = torch.zeros(3 * h, h, dtype=a, device=context.device)
-    if P > 1:  # Σ_{t≥1} dgh_tᵀ·h_{t-1}: the steps in one batched GEMM (hi and lo rows stacked in its output), summed
+    if P > 1:  # Σ_{t≥1} dgh_tᵀ·h_{t-1}: the steps in one batched GEMM (hi, lo rows stacked in its output), summed
         dw_hh = _bmm(dgh[1:].transpose(1, 2), hidden[:, :-1].to(op).transpose(0, 1)).sum(0).view(-1, 3 * h, h).sum(0)
     w_ih = weight_ih.to(a)
     dtable = torch.zeros(VOCAB, 3 * h, dtype=a, device=context.device)
