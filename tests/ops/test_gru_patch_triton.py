@@ -223,3 +223,23 @@ def test_gpu_config_per_kernel():
         args = gt._Config(256, BF16, cuda, kernel).recurrence()
         assert (args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"], args["num_warps"], args["num_stages"]) == config
     assert gt._Config(16, BF16, cuda, "bwd").recurrence()["BLOCK_K"] == 16
+
+
+@pytest.mark.gpu
+def test_tensor_core_products_sum_in_fp32():
+    """_mm and _bmm on bf16 CUDA operands (cuBLAS with an fp32 output) give the fp32 product of the upcast operands,
+    for the strided views the backward passes them (transposed, step-major)."""
+    from agiformer_kernels.ops.gru_patch import triton as gt
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    a = torch.randn(300, 768, device="cuda", generator=gen).bfloat16()
+    b = torch.randn(256, 300, device="cuda", generator=gen).bfloat16()
+    out = gt._mm(a.T, b.T)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, a.T.float() @ b.T.float(), rtol=1e-5, atol=1e-4)
+    dgh = torch.randn(4, 300, 2 * 768, device="cuda", generator=gen).bfloat16()
+    hid = torch.randn(300, 4, 256, device="cuda", generator=gen).bfloat16()
+    x, y = dgh[1:].transpose(1, 2), hid[:, :-1].transpose(0, 1)
+    out = gt._bmm(x, y)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, x.float() @ y.float(), rtol=1e-5, atol=1e-4)
