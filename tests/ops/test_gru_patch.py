@@ -334,6 +334,27 @@ def test_loss(backend, M, P, h, dtype, reduction):
     check_loss(backend, M, P, h, dtype, reduction, device_of(backend))
 
 
+def test_cpu_loss_backward_reuses_the_head_gradient_of_its_forward(monkeypatch):
+    """Under a mean or a sum the C++ forward also takes the head's gradient; the backward must reuse it (scaled by
+    the one upstream scalar), not recompute the logits in gru_patch_loss_bwd. A mean's own backward materialises
+    the [M, P] gradient, so the op could not tell it was one scalar: this ran the head twice (~30% of a step)."""
+    from agiformer_kernels.ops.gru_patch import cpp
+
+    cpp._register_python_side()
+    called = []
+
+    class Spy:
+        def __getattr__(self, name):
+            called.append(name)
+            return getattr(torch.ops.agiformer_kernels, name)
+
+    monkeypatch.setattr(cpp, "_ops", Spy())
+    for reduction in ("mean", "sum"):
+        x, b = make_inputs(5, 3, 32, torch.float32, requires_grad=True)
+        gru_patch_loss(*loss_args(x, b), reduction=reduction, backend="cpu").backward()
+    assert "gru_patch_decode_bwd" in called and "gru_patch_loss_bwd" not in called, called
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
     x, b = make_inputs(3, 3, 4, torch.float64, requires_grad=True)

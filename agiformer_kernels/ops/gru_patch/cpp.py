@@ -150,7 +150,9 @@ def loss_cpp(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh,
     loss = _ops.gru_patch_loss_fwd(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight,
                                    head_bias, sos, save, head_grad)[0]
     if reduction == "mean":
-        return loss.mean()
+        # not loss.mean(): its backward hands the op a materialised [M, P] gradient, which the op cannot tell from
+        # any other, so it would recompute the head gradient its forward already took; sum's is one broadcast scalar
+        return loss.sum() / loss.numel()
     if reduction == "sum":
         return loss.sum()
     return loss
