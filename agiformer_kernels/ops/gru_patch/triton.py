@@ -507,19 +507,16 @@ def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weigh
     # weight gradients: GEMMs over the stored gate gradients
     dgc = dgi.sum(0)
     dgc_parts = _split(dgc, dtype) if split else (dgc,)
-    dctx = _mm(dgc_parts[0], weight_ih[:, h:].to(op))
-    dw_c = _mm(dgc_parts[0].T, context.to(op))
-    for part in dgc_parts[1:]:
-        dctx += _mm(part, weight_ih[:, h:])
-        dw_c += _mm(part.T, context)
+    w_c, ctx = weight_ih[:, h:].to(op), context.to(op)
+    dctx = sum(_mm(part, w_c) for part in dgc_parts)
+    dw_c = sum(_mm(part.T, ctx) for part in dgc_parts)
     dw_hh = torch.zeros(3 * h, h, dtype=a, device=context.device)
     if P > 1:  # Σ_{t≥1} dgh_tᵀ·h_{t-1}: the steps in one batched GEMM (hi, lo rows stacked in its output), summed
         dw_hh = _bmm(dgh[1:].transpose(1, 2), hidden[:, :-1].to(op).transpose(0, 1)).sum(0).view(-1, 3 * h, h).sum(0)
-    w_ih = weight_ih.to(a)
     dtable = torch.zeros(VOCAB, 3 * h, dtype=a, device=context.device)
     dtable.index_add_(0, prev_bytes.T.reshape(-1).long(), dgi.view(-1, 3 * h))
     dw_e = dtable.T @ byte_emb.to(a)
-    demb = dtable @ w_ih[:, :h]
+    demb = dtable @ weight_ih[:, :h].to(a)
     db_hh = dgh.sum((0, 1), dtype=a).view(-1, 3 * h).sum(0)
     grads = (dctx, demb, torch.cat([dw_e, dw_c], 1), dw_hh, dgc.sum(0), db_hh)
     return tuple(g.to(dtype) for g in grads)
