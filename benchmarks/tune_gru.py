@@ -6,10 +6,9 @@
 The kernels are gru_patch_decode's forward ("fwd") and backward ("bwd", timed as fwd+bwd with the forward at its
 default) and greedy gru_patch_sample with the byte table ("sample"). A config is (BLOCK_M, BLOCK_N, BLOCK_K,
 num_warps, num_stages), set in ``_Config.GPU`` of agiformer_kernels/ops/gru_patch/triton.py for one kernel at a
-time. Each
-config's output is checked against the default config's (relative RMS of the hidden states and of every
-gradient; the share of equal bytes for sampling), then timed (``triton.testing.do_bench``). The table goes to
-stdout and the rows to a JSON (``--out``). The faster configs that pass belong in ``_Config.GPU``.
+time. Each config's output is checked against the default config's (relative RMS of the hidden states and of
+every gradient; the share of equal bytes for sampling), then timed (``triton.testing.do_bench``). The table goes
+to stdout and the rows to a JSON (``--out``). The faster configs that pass belong in ``_Config.GPU``.
 
 On CPU the kernels run through the Triton interpreter, with its own blocks: the script runs end to end at a toy
 size (its test), and its times mean nothing.
@@ -25,11 +24,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from agiformer_kernels import gru_patch_byte_table, gru_patch_decode, gru_patch_sample
+from agiformer_kernels import gru_patch_decode, gru_patch_sample
 from agiformer_kernels.ops.gru_patch import triton as gru_triton
-from benchmarks.run import commit, device_name, time_ms, versions
+from benchmarks.cases import gru_patch as gru_cases
+from benchmarks.run import commit, describe, device_name, rel_err, time_ms, versions
 
 # the default first; then those that spill least in ptxas's report (Triton 3.6, sm_90, bf16), larger row blocks,
 # and deeper or shallower pipelines (the K loops are 4 to 12 trips)
@@ -40,17 +39,10 @@ WEIGHTS = ("byte_emb", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 def make_inputs(M: int, P: int, h: int, device: str, dtype: torch.dtype) -> dict:
-    torch.manual_seed(0)
-    gru = nn.GRU(2 * h, h, batch_first=True).to(device, dtype)
-    emb, head = nn.Embedding(256, h).to(device, dtype), nn.Linear(h, 256).to(device, dtype)
-    x = {"context": torch.randn(M, h, device=device, dtype=dtype), "byte_emb": emb.weight,
-         "weight_ih": gru.weight_ih_l0, "weight_hh": gru.weight_hh_l0, "bias_ih": gru.bias_ih_l0,
-         "bias_hh": gru.bias_hh_l0, "head_weight": head.weight, "head_bias": head.bias}
-    x = {k: v.detach().requires_grad_(k in WEIGHTS or k == "context") for k, v in x.items()}
-    x["prev"] = torch.randint(0, 256, (M, P), device=device)
+    """The GRU benchmark cases' inputs (weights and context with gradients, the byte table), the targets as the
+    teacher-forced bytes, and an upstream gradient."""
+    x = gru_cases.make_inputs(M, P, h, grad=True, table=True)(device, dtype)
     x["grad"] = torch.randn(M, P, h, device=device, dtype=dtype)
-    with torch.no_grad():
-        x["table"] = gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
     return x
 
 
@@ -59,7 +51,7 @@ def step(kernel: str, x: dict, P: int):
     leaves = [x[k] for k in ("context", *WEIGHTS)]
 
     def decode():
-        return gru_patch_decode(x["context"], x["prev"], *(x[k] for k in WEIGHTS), backend="triton")
+        return gru_patch_decode(x["context"], x["targets"], *(x[k] for k in WEIGHTS), backend="triton")
 
     def fwd_bwd():
         decode().backward(x["grad"])
@@ -71,7 +63,7 @@ def step(kernel: str, x: dict, P: int):
     def sample():
         with torch.no_grad():
             return gru_patch_sample(x["context"], *(x[k] for k in WEIGHTS), x["head_weight"], x["head_bias"],
-                                    patch_size=P, byte_table=x["table"], backend="triton")
+                                    patch_size=P, byte_table=x["byte_table"], backend="triton")
 
     if kernel == "fwd":
         return decode, lambda: [decode().detach()]
@@ -87,15 +79,8 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def disagreement(out: list, ref: list) -> float:
-    """Worst relative RMS over the outputs (float), or the share of differing bytes (sampling)."""
-    worst = 0.0
-    for o, r in zip(out, ref):
-        if not o.dtype.is_floating_point:
-            worst = max(worst, float((o != r).double().mean()))
-            continue
-        o, r = o.double(), r.double()
-        worst = max(worst, float((o - r).norm() / r.norm().clamp_min(1e-30)))
-    return worst
+    """Worst relative RMS over the outputs (float), or the share of differing bytes (sampling): the runner's err."""
+    return max(rel_err(o, r) for o, r in zip(out, ref))
 
 
 def tune(kernel: str, M: int, P: int, h: int, configs: list, device: str, dtype: torch.dtype,
@@ -115,7 +100,7 @@ def tune(kernel: str, M: int, P: int, h: int, configs: list, device: str, dtype:
                 row["ok"] = row["disagreement"] <= tolerance(dtype)
                 row["ms"] = time_ms(run, device, min_run_time)
             except Exception as e:  # a config the GPU cannot take (resources): recorded, the others go on
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                row["error"] = describe(e)
             rows.append(row)
             print(format_row(row), flush=True)
     finally:
