@@ -372,8 +372,9 @@ def test_gradcheck_float64(backend):
 
 
 # split (M < 11), lanes (11 <= M <= 128; h = 37: the k and row tails of its blocks), tiled
-SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (3, 8, 32), (11, 4, 37), (16, 4, 256), (20, 3, 200), (40, 4, 256),
-                 (1000, 4, 256), (1000, 8, 32)]
+# (M = 1, h = 100 and 200: the one-row product's row and k tails, h not a multiple of 16 or 64)
+SAMPLE_SHAPES = [(1, 1, 32), (1, 4, 256), (1, 3, 100), (1, 4, 200), (3, 8, 32), (11, 4, 37), (16, 4, 256),
+                 (20, 3, 200), (40, 4, 256), (1000, 4, 256), (1000, 8, 32)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
