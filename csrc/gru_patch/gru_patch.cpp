@@ -1301,9 +1301,10 @@ Tensor sample_cpu(const Tensor& context, const Tensor& byte_emb, const Tensor& w
   SampleParams sp{temperature, top_k, 0, 0};
   if (temperature > 0) {
     TORCH_CHECK(seed.has_value() && seed->numel() == 2, "gru_patch_sample: temperature > 0 needs a seed [2]");
-    const Tensor s = seed->to(at::kLong).cpu();
-    sp.s0 = static_cast<uint32_t>(s[0].item<int64_t>());
-    sp.s1 = static_cast<uint32_t>(s[1].item<int64_t>());
+    // read in place: two item() calls cost ~1.5 µs more, measured at M = 1
+    const Tensor s = seed->to(at::kLong).cpu().contiguous();
+    sp.s0 = static_cast<uint32_t>(s.data_ptr<int64_t>()[0]);
+    sp.s1 = static_cast<uint32_t>(s.data_ptr<int64_t>()[1]);
   }
   Tensor pre;
   int64_t forced = 0;
