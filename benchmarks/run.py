@@ -51,8 +51,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # ---------------------------------------------------------------- measuring
 
 
-def describe(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+def describe(e: BaseException, limit: int = 2000) -> str:
+    """The exception on one line: every line of its message and of the exceptions it was raised from (a Triton
+    CompilationError's first line is only "at 20:32:"; the source line and the cause follow), cut at limit."""
+    parts = []
+    while e is not None and len(parts) < 4:
+        lines = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        parts.append(f"{type(e).__name__}: {lines}")
+        e = e.__cause__ or e.__context__
+    text = " <- ".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def first_tensor(out):
@@ -291,9 +299,9 @@ def measure_isolated(case: Case, impl: Impl, args) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]  # a library may print too
     if done.returncode or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        last = " | ".join(done.stderr.strip().splitlines()[-8:]) or "no output"
         return {"op": case.op, "case": case.name, "params": case.params, "impl": impl.name,
-                "alternative": impl.alternative, "status": f"error: exit {done.returncode}: {last[:200]}"}
+                "alternative": impl.alternative, "status": f"error: exit {done.returncode}: {last[-2000:]}"}
     return json.loads(lines[-1])
 
 
@@ -361,7 +369,8 @@ HEADER = (f"{'op':<26}{'case':<26}{'impl':<18}{'fwd ms':>10}{'bwd ms':>10}{'f+b 
 def format_row(r: dict) -> str:
     name = r["impl"] + (" (alt)" if r["alternative"] else "")
     if r.get("status") != "ok":
-        return f"{r['op']:<26}{r['case']:<26}{name:<18}{r['status']}"
+        status = r["status"] if len(r["status"]) <= 160 else r["status"][:157] + "..."  # whole in the JSON
+        return f"{r['op']:<26}{r['case']:<26}{name:<18}{status}"
     ratio = f"{r['speedup']:.2f}x vs {r['baseline']}" if "speedup" in r else ""
     roof = f"{100 * r['roofline']:.0f}%" if r.get("roofline") else "-"
     rate = f"  {r['rate']:.1f} {r['unit']}" if r.get("rate") else ""

@@ -96,6 +96,23 @@ def test_profile_error_is_recorded_not_raised(toy_registry, tmp_path, monkeypatc
     assert row["profile"] == {"error": "RuntimeError: no profiler here"}
 
 
+def test_error_rows_keep_the_whole_message(toy_registry, tmp_path, capsys):
+    """A Triton CompilationError's first line is only "at 20:32:": the source line and the cause come after it."""
+    def broken(inputs):
+        try:
+            raise ValueError("the cause")
+        except ValueError as e:
+            raise RuntimeError("at 20:32:\n    h = f(x)\n        ^\n" + "x" * 300) from e
+
+    registry.impl("toy", "broken", broken)
+    out = tmp_path / "r.json"
+    run.main(["--quick", "--device", "cpu", "--min-run-time", "0.01", "--impl", "broken", "--out", str(out)])
+    status = json.loads(out.read_text())["rows"][0]["status"]
+    assert status == "error: RuntimeError: at 20:32: | h = f(x) | ^ | " + "x" * 300 + " <- ValueError: the cause"
+    table = [line for line in capsys.readouterr().out.splitlines() if "broken" in line][-1]
+    assert table.endswith("...") and "at 20:32: | h = f(x)" in table and len(table) < 250
+
+
 def test_profile_off_by_default(toy_registry, tmp_path):
     assert "profile" not in profiled_row(tmp_path)
 
