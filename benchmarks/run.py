@@ -154,12 +154,25 @@ def roofline_fraction(case: Case, fwd_ms: float, peaks: dict) -> float | None:
     """Share of the roofline reached by the forward: (max of compute time and memory time) / measured time."""
     if not (case.flops or case.bytes) or not fwd_ms:
         return None
-    ideal_s = max(case.flops / peaks["flops"][str(case.dtype)], case.bytes / peaks["bytes_per_s"])
+    ideal_s = max(case.flops / peaks["flops"][str(case.dtype)], case.bytes / copy_bandwidth(peaks, case.bytes))
     return ideal_s / (fwd_ms / 1e3)
 
 
+# Copy bandwidth is measured at these footprints (bytes read + written), since a working set that fits in a
+# cache moves several times faster than one streamed from memory (this CPU VM: ~110 GB/s at 1 MiB, ~50 at 64,
+# ~23 at 256). A case's memory time uses the bandwidth at the smallest footprint that holds its bytes.
+COPY_FOOTPRINTS_MIB = (1, 4, 16, 64, 256)
+
+
+def copy_bandwidth(peaks: dict, nbytes: float) -> float:
+    """Bytes/s of a copy whose footprint first holds nbytes (the largest footprint's past them all)."""
+    table = peaks["bytes_per_s"]  # {footprint in bytes, as a string (JSON keys): bytes/s}
+    sizes = sorted(table, key=int)
+    return table[next((s for s in sizes if int(s) >= nbytes), sizes[-1])]
+
+
 def measure_peaks(device: str, dtypes: set) -> dict:
-    """This device's own matmul throughput per dtype and copy bandwidth: the roofline's ceilings."""
+    """This device's own matmul throughput per dtype and copy bandwidth by footprint: the roofline's ceilings."""
     n = 4096 if device == "cuda" else 1024
     flops = {}
     for dtype in dtypes:
@@ -167,9 +180,15 @@ def measure_peaks(device: str, dtypes: set) -> dict:
         a = torch.randn(n, n, device=device, dtype=dt)
         ms = time_ms(lambda: a @ a, device, 0.3)
         flops[str(dtype)] = 2 * n**3 / (ms / 1e3)
-    x = torch.empty(64 * 2**20 // 4, device=device)  # 64 MiB: past every cache
-    ms = time_ms(lambda: x.clone(), device, 0.3)
-    return {"flops": flops, "bytes_per_s": 2 * x.numel() * 4 / (ms / 1e3)}
+    bandwidth = {}
+    for mib in COPY_FOOTPRINTS_MIB:
+        # into a buffer allocated once: clone() of 64 MiB measured ~8 GB/s on CPU, mostly the page faults of
+        # its fresh allocation, where copy_ moved ~50
+        src = torch.empty(mib * 2**20 // 8, device=device)
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), device, 0.3)
+        bandwidth[str(mib * 2**20)] = mib * 2**20 / (ms / 1e3)
+    return {"flops": flops, "bytes_per_s": bandwidth}
 
 
 PROFILE_STEPS = 5
@@ -433,7 +452,7 @@ def main(argv=None) -> int:
     peaks = measure_peaks(args.device, {c.dtype for c in cases})
     print(f"device: {device_name(args.device)}; measured peaks: "
           + ", ".join(f"{k.split('.')[-1]} {v / 1e9:.0f} GFLOP/s" for k, v in peaks["flops"].items())
-          + f", copy {peaks['bytes_per_s'] / 1e9:.0f} GB/s")
+          + ", copy " + ", ".join(f"{v / 1e9:.0f} GB/s at {int(k) >> 20} MiB" for k, v in peaks["bytes_per_s"].items()))
     kind = "sweep" if args.sweep else "quick" if args.quick else "full"
     out = args.out or RESULTS / "-".join([args.device, kind] + sorted(args.op or []) + [".json"]).replace("-.", ".")
     out.parent.mkdir(parents=True, exist_ok=True)

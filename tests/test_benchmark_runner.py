@@ -37,14 +37,25 @@ def test_runner_writes_rows(toy_registry, tmp_path):
     assert rows["wrong"]["err"] > 1e-3  # the runner's correctness check sees the wrong implementation
     assert rows["slow-alt"]["err"] < 1e-6
     # the roofline against the peaks the run measured and recorded (which a busy machine can underestimate, so
-    # a cache-resident toy may pass 100% of them: only the computation is checked, not a bound on it)
+    # the toy may pass 100% of them: only the computation is checked, not a bound on it); its 768 KiB take the
+    # bandwidth measured at the smallest footprint, 1 MiB
     peaks = record["peaks"]
-    ideal_s = max(2 * 256**3 / peaks["flops"][str(torch.float32)], 3 * 256 * 256 * 4 / peaks["bytes_per_s"])
+    assert sorted(map(int, peaks["bytes_per_s"])) == [mib * 2**20 for mib in run.COPY_FOOTPRINTS_MIB]
+    ideal_s = max(2 * 256**3 / peaks["flops"][str(torch.float32)], 3 * 256 * 256 * 4 / peaks["bytes_per_s"][str(2**20)])
     for r in (rows["reference"], rows["wrong"], rows["slow-alt"]):
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["baseline"] == "slow-alt"
         assert r["roofline"] == pytest.approx(ideal_s / (r["fwd_ms"] / 1e3), rel=1e-9)
     assert record["device_type"] == "cpu" and "torch" in record["versions"] and record["commit"]
     assert record["complete"] is True
+
+
+def test_copy_bandwidth_takes_the_smallest_footprint_that_holds_the_bytes():
+    peaks = {"bytes_per_s": {str(2**20): 100.0, str(2**26): 50.0, str(2**22): 70.0}}
+    assert run.copy_bandwidth(peaks, 1000) == 100.0
+    assert run.copy_bandwidth(peaks, 2**20) == 100.0
+    assert run.copy_bandwidth(peaks, 2**20 + 1) == 70.0
+    assert run.copy_bandwidth(peaks, 2**26) == 50.0
+    assert run.copy_bandwidth(peaks, 2**30) == 50.0  # past the largest footprint: its bandwidth
 
 
 def test_rounds_keep_each_implementations_best(toy_registry, tmp_path):
