@@ -15,6 +15,7 @@ Two questions decide whether a backend serves a call:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -29,8 +30,9 @@ ENV_VAR = "AGIFORMER_KERNELS_BACKEND"
 # tensors the order is per op, from an H100's timings (benchmarks/results/cuda-*.json): Triton ran the
 # whole-sequence ops and the GRU decoder's training 1.1 to 16 times faster than the CUDA kernels; the
 # CUDA kernels ran the one-token decode steps 2.4 to 4 times faster (a Triton launch costs more host
-# time), and sampling stays on CUDA, where generation ran end to end (the Triton sampler did not
-# compile for the model's call there).
+# time). Sampling goes to CUDA first too: generation samples 1 to 16 patches a call, where host time
+# decides as in the decode steps, and the Triton sampler has not been timed there (on the H100 it failed
+# to compile inside generation, fixed since: autocast reached into the op, see without_autocast).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 CUDA_FIRST = ("cuda", "triton", "reference")
 OP_AUTO_ORDER = {
@@ -38,6 +40,25 @@ OP_AUTO_ORDER = {
     ("sliding_window_attention_step", "cuda"): CUDA_FIRST,
     ("gru_patch_sample", "cuda"): CUDA_FIRST,
 }
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """fn, run with autocast off wherever it is on: every op computes in its inputs' dtypes. The ops are not
+    autocast ops, but an autocast region stays on inside a custom op's implementation and a backward, and it
+    cast their own torch products: under bf16 autocast an fp32 call's byte table came out of a bf16 product,
+    and the Triton sampler's h scratch turned bf16 and failed to compile (the H100's generation rows)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch._C._is_any_autocast_enabled():  # one call, ~0.15 µs: what a decode step pays
+            return fn(*args, **kwargs)
+        for device_type in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    return run(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def auto_order(op: str, device_type: str) -> tuple[str, ...]:

@@ -84,6 +84,7 @@ def _check_byte_int(name: str, value: object) -> int:
     return value
 
 
+@backends.without_autocast
 def gru_patch_byte_table(byte_emb: torch.Tensor, weight_ih: torch.Tensor) -> torch.Tensor:
     """The byte part of the GRU's input projection for all 256 bytes: ``byte_emb·weight_ih[:, :h]ᵀ``
     ``[256, 3h]`` in the accumulation dtype (fp32, fp64 for fp64 weights), without gradient. Step t's input
@@ -112,6 +113,7 @@ def _check_byte_table(table: object, context: torch.Tensor) -> None:
         raise ValueError(f"byte_table is on {table.device} but context is on {context.device}")
 
 
+@backends.without_autocast
 def gru_patch_decode(
     context: torch.Tensor,
     prev_bytes: torch.Tensor,
@@ -142,6 +144,7 @@ def gru_patch_decode(
     return backends.select(DECODE_OP, backend, context.device, *args)(*args)
 
 
+@backends.without_autocast
 def gru_patch_loss(
     context: torch.Tensor,
     targets: torch.Tensor,
@@ -181,6 +184,7 @@ def gru_patch_loss(
     return backends.select(LOSS_OP, backend, context.device, *args, **kwargs)(*args, **kwargs)
 
 
+@backends.without_autocast
 def gru_patch_sample(
     context: torch.Tensor,
     byte_emb: torch.Tensor,

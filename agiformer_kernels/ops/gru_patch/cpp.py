@@ -76,6 +76,7 @@ def _register_python_side() -> None:
                      temperature, top_k, prefix, sos, seed, byte_table):
         return context.new_empty(context.shape[0], patch_size, dtype=torch.int64)
 
+    @backends.without_autocast
     def decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
         if grad_hidden is None:
             return (None,) * 8
@@ -97,6 +98,7 @@ def _register_python_side() -> None:
         ctx.save_for_backward(context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates,
                               lse, dh_head, dw_head, db_head)
 
+    @backends.without_autocast
     def loss_backward(ctx, grad_loss, *_):
         if grad_loss is None:
             return (None,) * 12

@@ -560,6 +560,7 @@ def _weight_grads_fake(context):
     return [new(context.shape), new(VOCAB, h), new(3 * h, 2 * h), new(3 * h, h), new(3 * h), new(3 * h)]
 
 
+@backends.without_autocast
 def _decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
     if grad_hidden is None:
         return (None,) * 8
@@ -646,6 +647,7 @@ def _loss_setup(ctx, inputs, output):
     ctx.save_for_backward(context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates, lse)
 
 
+@backends.without_autocast
 def _loss_backward(ctx, grad_loss, _lse, _hidden, _gates):
     if grad_loss is None:
         return (None,) * 11

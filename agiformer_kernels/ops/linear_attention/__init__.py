@@ -57,6 +57,7 @@ def _check_cu_seqlens(cu_seqlens: object, B: int, L: int, device) -> torch.Tenso
     return cu_seqlens
 
 
+@backends.without_autocast
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,6 +119,7 @@ def linear_attention(
     return backends.select("linear_attention", backend, q.device, q, k, v, **kwargs)(q, k, v, **kwargs)
 
 
+@backends.without_autocast
 def linear_attention_step(
     q: torch.Tensor,
     k: torch.Tensor,

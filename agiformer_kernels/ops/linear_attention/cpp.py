@@ -74,6 +74,7 @@ def _register_python_side() -> None:
         ctx.options = (feature_map, feature_eps, scale, eps, normalize)
         ctx.has_state = S0 is not None
 
+    @backends.without_autocast
     def backward(ctx, do, dden, dS, dz, dchunk_S, dchunk_z):
         q, k, v, o, den, chunk_S, chunk_z, cu_seqlens = ctx.saved_tensors
         if do is None:

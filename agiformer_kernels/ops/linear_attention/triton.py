@@ -494,6 +494,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_state = S0 is not None
 
 
+@backends.without_autocast
 def _backward(ctx, do, dden, dS, dz, dchunk_S, dchunk_z):
     q, k, v, o, den, chunk_S, chunk_z, cu_seqlens = ctx.saved_tensors
     if do is None:

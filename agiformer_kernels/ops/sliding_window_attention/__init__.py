@@ -53,6 +53,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
+@backends.without_autocast
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -95,6 +96,7 @@ def sliding_window_attention(
     return backends.select(OP, backend, q.device, *args, **kwargs)(*args, **kwargs)
 
 
+@backends.without_autocast
 def sliding_window_attention_step(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -46,6 +46,7 @@ def _setup_context(ctx, inputs, output):
     ctx.window, ctx.scale = window, scale
 
 
+@backends.without_autocast
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
     dq, dk, dv = torch.ops.agiformer_kernels.sliding_window_attention_bwd(

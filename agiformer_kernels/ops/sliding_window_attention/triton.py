@@ -400,6 +400,7 @@ def _setup_context(ctx, inputs, output):
     ctx.window, ctx.scale = window, scale
 
 
+@backends.without_autocast
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
     dq, dk, dv = window_bwd(grad_o, q, k, v, o, lse, seg_start, seg_end, ctx.window, ctx.scale)
