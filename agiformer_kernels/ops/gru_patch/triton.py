@@ -40,6 +40,7 @@ from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype, draw_see
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HIDDEN = 1024  # the head's weight-gradient kernel holds a BLOCK_V × h tile
+MAX_HIDDEN_FP64_LOSS_GPU = 512
 
 
 @triton.jit
@@ -416,11 +417,19 @@ class _Config:
         width = max(16, triton.next_power_of_2(h))
         gpu = device.type == "cuda"
         block_m, block_n, block_k, self.num_warps, self.num_stages = self.GPU[kernel] if gpu else (256, 256, 256, 4, 1)
+        if gpu and dtype == torch.float64:
+            # the head's fp64 weight tiles, [BLOCK_K, 256] double-buffered and [256, BLOCK_N], took 288 and 324 KiB
+            # of shared memory at 64 (sm_90 has 227): fp64 sampling and loss failed from h = 64 on (found compiling
+            # for sm_90 without a GPU, tests/sm90_compile.py)
+            block_n, block_k = min(block_n, 32), min(block_k, 32)
         self.block_m = block_m
         self.block_n = min(width, block_n)
         self.block_k = min(width, block_k)
-        self.block_r = 32 if gpu else 512  # rows of the head kernels
-        self.block_v = 32 if gpu else VOCAB
+        # the head's weight-gradient kernel holds [BLOCK_R, h] and [h, BLOCK_V] tiles: from 4 KiB rows on (fp32
+        # h = 1024, fp64 h = 512) 32 of each took 265-400 KiB of shared memory on sm_90 (227 there), 16 fit
+        narrow_head = width * (8 if dtype == torch.float64 else 4) >= 4096
+        self.block_r = (16 if narrow_head else 32) if gpu else 512  # rows of the head kernels
+        self.block_v = (16 if narrow_head else 32) if gpu else VOCAB
         self.block_h = width
         self.acc = tl.float64 if dtype == torch.float64 else tl.float32
         self.precision = "ieee"  # fp32 products stay fp32 (tf32 would cost ~1e-3 relative)
@@ -729,6 +738,14 @@ def _check(context, *args, **kwargs):
     return None
 
 
+def _check_loss(context, *args, **kwargs):
+    if context.dtype == torch.float64 and context.is_cuda and context.shape[1] > MAX_HIDDEN_FP64_LOSS_GPU:
+        # the head's weight-gradient tiles at 16 rows still need 396 KiB of shared memory at h = 1024 on sm_90
+        return (f"in float64 on a GPU the Triton loss takes hidden sizes up to {MAX_HIDDEN_FP64_LOSS_GPU} "
+                f"(shared memory), got {context.shape[1]}")
+    return _check(context)
+
+
 backends.register(DECODE_OP, "triton", decode_triton, check=_check, available=backends.triton_unavailable)
-backends.register(LOSS_OP, "triton", loss_triton, check=_check, available=backends.triton_unavailable)
+backends.register(LOSS_OP, "triton", loss_triton, check=_check_loss, available=backends.triton_unavailable)
 backends.register(SAMPLE_OP, "triton", sample_triton, check=_check, available=backends.triton_unavailable)
