@@ -73,8 +73,8 @@ def _leaves(*ts):
     return [t.requires_grad_(True) for t in ts]
 
 
-def linear_attention(dtype):
-    q, k, v = _leaves(*(torch.randn(1, 70, 2, 64, dtype=dtype) for _ in range(3)))
+def linear_attention(dtype, D=64):
+    q, k, v = _leaves(*(torch.randn(1, 70, 2, D, dtype=dtype) for _ in range(3)))
     o = K.linear_attention(q, k, v, backend="triton")
     o.float().sum().backward()
     o, (S, z) = K.linear_attention(q.detach(), k.detach(), v.detach(), output_final_state=True, backend="triton")
@@ -121,7 +121,8 @@ F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 # op -> (function, dtype, hidden size or None) calls. The GRU's widest tiles come at the largest h each dtype takes:
 # fp64's head tiles overflowed shared memory from h = 64, fp32's weight gradient at h = 1024.
 CASES = {
-    "linear_attention": [(linear_attention, F32), (linear_attention, BF16)],
+    "linear_attention": [(linear_attention, F32), (linear_attention, BF16),
+                         (lambda d: linear_attention(d, D=128), BF16)],  # its gradient's tf32 dots overflowed
     "sliding_window_attention": [(sliding_window_attention, F32), (sliding_window_attention, BF16)],
     "gru_patch": [(gru_patch, F32), (gru_patch, BF16), (lambda d: gru_patch(d, h=1024), F32),
                   (lambda d: gru_patch(d, h=512), F64)],

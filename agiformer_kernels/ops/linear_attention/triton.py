@@ -317,6 +317,9 @@ def _acc(dtype: torch.dtype):
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """The dots' precision for 16-bit inputs (their products are taken in fp32). The gradient kernel at head dims
+    above 64 takes "ieee" instead: its six tf32 dots staged 240-256 KiB of operands in shared memory at D = 128
+    (sm_90 has 227; found compiling for sm_90 without a GPU, tests/sm90_compile.py), the FMA dots fit."""
     return {torch.bfloat16: "tf32", torch.float16: "tf32x3"}.get(dtype, "ieee")
 
 
@@ -467,7 +470,7 @@ def linear_attention_triton_bwd(
             *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
             H, L, D, Dv, NC, feature_eps, scale,
             C=CHUNK, BK=_block(D), BV=_block(Dv), ELU=elu, NORMALIZE=normalize, PACKED=packed,
-            ACC=_acc(q.dtype), PRECISION=_precision(q.dtype),
+            ACC=_acc(q.dtype), PRECISION=_precision(q.dtype) if max(D, Dv) <= 64 else "ieee",
         )
     return dq, dk, dv, dS0, dz0
 
