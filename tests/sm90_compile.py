@@ -61,6 +61,7 @@ driver.set_active(StandInSM90())
 import agiformer_kernels as K  # noqa: E402  (after the driver: the kernels bind to it)
 from agiformer_kernels import backends  # noqa: E402
 from agiformer_kernels.ops.gru_patch import triton as gru_triton  # noqa: E402
+from tests.ops.test_gru_patch import decode_args, loss_args, make_inputs, sample_args  # noqa: E402
 
 for _op in backends._registry:  # the Triton backend serves these CPU tensors: they only carry shapes and dtypes
     backends._availability[(_op, "triton", "cpu")] = None
@@ -89,36 +90,28 @@ def sliding_window_attention(dtype):
                                     backend="triton")
 
 
-def _gru_inputs(dtype, M=40, h=256):
-    weights = [torch.randn(256, h), torch.randn(3 * h, 2 * h), torch.randn(3 * h, h), torch.randn(3 * h),
-               torch.randn(3 * h), torch.randn(256, h), torch.randn(256)]
-    return torch.randn(M, h, dtype=dtype), [w.to(dtype) for w in weights]
-
-
 def gru_patch(dtype, h=256):
-    c, w = _gru_inputs(dtype, h=h)
-    targets = torch.randint(0, 256, (c.shape[0], 4))
-    leaves = _leaves(c, *w)
-    K.gru_patch_decode(leaves[0], targets, *leaves[1:6], backend="triton").float().sum().backward()
-    K.gru_patch_loss(leaves[0], targets, *leaves[1:], backend="triton").backward()
+    x, targets = make_inputs(40, 4, h, dtype, requires_grad=True)
+    K.gru_patch_decode(*decode_args(x, targets), backend="triton").float().sum().backward()
+    K.gru_patch_loss(*loss_args(x, targets), backend="triton").backward()
 
 
 def gru_patch_sample(dtype, h=256):
-    c, w = _gru_inputs(dtype, M=16, h=h)
-    table = K.gru_patch_byte_table(w[0], w[1])
+    x, _ = make_inputs(16, 4, h, dtype)
+    table = K.gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
     prefix = torch.randint(0, 256, (16, 1))
     g = torch.Generator().manual_seed(0)
     modes = [dict(), dict(temperature=0.8, generator=g), dict(temperature=0.8, top_k=40, generator=g),
              dict(prefix=prefix, byte_table=table)]
     for kw in modes:
-        K.gru_patch_sample(c, *w, patch_size=4, backend="triton", **kw)
+        K.gru_patch_sample(*sample_args(x), patch_size=4, backend="triton", **kw)
     if dtype == torch.bfloat16:  # the model's call: bf16 weights under bf16 autocast (the H100's failure)
         with torch.autocast("cpu", torch.bfloat16):
-            K.gru_patch_sample(c, *w, patch_size=4, byte_table=table, backend="triton")
+            K.gru_patch_sample(*sample_args(x), patch_size=4, byte_table=table, backend="triton")
 
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
-# op -> (function, dtype, hidden size or None) calls. The GRU's widest tiles come at the largest h each dtype takes:
+# op -> (call, dtype) pairs. The GRU's widest tiles come at the largest h each dtype takes:
 # fp64's head tiles overflowed shared memory from h = 64, fp32's weight gradient at h = 1024.
 CASES = {
     "linear_attention": [(linear_attention, F32), (linear_attention, BF16),

@@ -9,29 +9,31 @@ import torch
 
 import agiformer_kernels as K
 from agiformer_kernels.backends import available_backends
+from tests.ops.test_gru_patch import decode_args, loss_args, make_inputs, sample_args
 
 H = 32
 
 
-def _gru(M=5, P=4):
-    gru = torch.nn.GRU(2 * H, H)
-    weights = [torch.randn(256, H), gru.weight_ih_l0.detach(), gru.weight_hh_l0.detach(),
-               gru.bias_ih_l0.detach(), gru.bias_hh_l0.detach()]
-    return torch.randn(M, H), torch.randint(0, 256, (M, P)), weights, torch.randn(256, H) / 4, torch.randn(256)
+def _attention(call):
+    def make():
+        q, k, v = (torch.randn(1, 70, 2, 16, requires_grad=True) for _ in range(3))
+        return [q, k, v], lambda backend: call(q, k, v, backend)
+    return make
 
 
-def _attention():
-    return [torch.randn(1, 70, 2, 16) for _ in range(3)]
+def _gru(args, op):
+    def make():
+        x, prev = make_inputs(5, 4, H, torch.float32, requires_grad=True)
+        return list(x.values()), lambda backend: op(*args(x, prev), backend=backend)
+    return make
 
 
-# op -> (inputs, call(inputs, backend) -> output); every float input is a leaf that backward reaches
+# op -> make() -> (float leaves, call(backend) -> output)
 CASES = {
-    "linear_attention": (_attention, lambda x, b: K.linear_attention(*x, backend=b)),
-    "sliding_window_attention": (_attention, lambda x, b: K.sliding_window_attention(*x, 8, backend=b)),
-    "gru_patch_decode": (lambda: (lambda c, y, w, hw, hb: [c, *w, y])(*_gru()),
-                         lambda x, b: K.gru_patch_decode(x[0], x[6], *x[1:6], backend=b)),
-    "gru_patch_loss": (lambda: (lambda c, y, w, hw, hb: [c, *w, hw, hb, y])(*_gru()),
-                       lambda x, b: K.gru_patch_loss(x[0], x[8], *x[1:8], backend=b)),
+    "linear_attention": _attention(lambda q, k, v, b: K.linear_attention(q, k, v, backend=b)),
+    "sliding_window_attention": _attention(lambda q, k, v, b: K.sliding_window_attention(q, k, v, 8, backend=b)),
+    "gru_patch_decode": _gru(decode_args, K.gru_patch_decode),
+    "gru_patch_loss": _gru(loss_args, K.gru_patch_loss),
 }
 
 
@@ -48,16 +50,16 @@ def _skip_unavailable(op, backend):
 
 def _run(op, backend, autocast_forward, autocast_backward):
     torch.manual_seed(1)
-    make, call = CASES[op]
-    inputs = [x.requires_grad_(True) if x.is_floating_point() else x for x in make()]
+    leaves, call = CASES[op]()
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast_forward):
-        out = call(inputs, backend)
+        out = call(backend)
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast_backward):
         out.square().sum().backward()
-    return [out] + [x.grad for x in inputs if x.is_floating_point()]
+    return [out] + [x.grad for x in leaves if x.grad is not None]  # decode leaves the head out
 
 
 def _assert_same(what, got, plain):
+    assert len(got) == len(plain), f"{what}: {len(got)} outputs, {len(plain)} outside autocast"
     for i, (a, b) in enumerate(zip(got, plain)):
         assert a.dtype == b.dtype and torch.equal(a, b), (
             f"{what}: output {i} differs by {float((a.double() - b.double()).abs().max()):.3e}")
@@ -92,15 +94,15 @@ def test_fp32_decode_steps_ignore_autocast(backend):
 
 def test_fp32_sampling_and_byte_table_ignore_autocast(backend):
     _skip_unavailable("gru_patch_sample", backend)
-    c, _, w, hw, hb = _gru(M=20)
-    table = K.gru_patch_byte_table(w[0], w[1])
+    x, _ = make_inputs(20, 4, H, torch.float32)
+    table = K.gru_patch_byte_table(x["byte_emb"], x["weight_ih"])
     with torch.autocast("cpu", torch.bfloat16):
-        _assert_same("byte table", [K.gru_patch_byte_table(w[0], w[1])], [table])
+        _assert_same("byte table", [K.gru_patch_byte_table(x["byte_emb"], x["weight_ih"])], [table])
     for kw in (dict(), dict(byte_table=table), dict(temperature=0.7)):
         bytes_ = []
         for autocast in (False, True):
             generator = torch.Generator().manual_seed(3)
             with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                bytes_.append(K.gru_patch_sample(c, *w, hw, hb, patch_size=4, generator=generator, backend=backend,
+                bytes_.append(K.gru_patch_sample(*sample_args(x), patch_size=4, generator=generator, backend=backend,
                                                  **kw))
         _assert_same(f"sample {backend} {sorted(kw)}", bytes_[1:], bytes_[:1])
