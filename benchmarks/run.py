@@ -222,15 +222,20 @@ def top_kernels(step, device: str, n: int, inference: bool) -> dict:
 # ---------------------------------------------------------------- running
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        model = found.group(1) if found else model
-    return f"{model} ({torch.get_num_threads()} threads)"
+    model, threads = platform.processor(), f"{torch.get_num_threads()} threads"
+    if CPUINFO.exists():
+        # the VM's "model name" can be as bare as "AMD EPYC": family and model tell its generation apart
+        fields = dict(re.findall(r"^(model name|cpu family|model)\s*:\s*(.+)$", CPUINFO.read_text(), re.M))
+        model = fields.get("model name", model)
+        if "cpu family" in fields and "model" in fields:
+            threads = f"family {fields['cpu family']} model {fields['model']}, {threads}"
+    return f"{model} ({threads})"
 
 
 def commit() -> str:

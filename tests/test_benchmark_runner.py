@@ -58,6 +58,17 @@ def test_copy_bandwidth_takes_the_smallest_footprint_that_holds_the_bytes():
     assert run.copy_bandwidth(peaks, 2**30) == 50.0  # past the largest footprint: its bandwidth
 
 
+def test_cpu_device_names_family_and_model(tmp_path, monkeypatch):
+    """A VM's model name can be as bare as "AMD EPYC"; its family and model tell Zen 4 from Zen 5."""
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+    cpuinfo.write_text(block.format(0) + block.format(1))
+    monkeypatch.setattr(run, "CPUINFO", cpuinfo)
+    assert run.device_name("cpu") == f"AMD EPYC (family 25 model 17, {torch.get_num_threads()} threads)"
+    cpuinfo.write_text("model name\t: Some CPU\n")
+    assert run.device_name("cpu") == f"Some CPU ({torch.get_num_threads()} threads)"
+
+
 def test_rounds_keep_each_implementations_best(toy_registry, tmp_path):
     out = tmp_path / "r.json"
     run.main(["--quick", "--device", "cpu", "--min-run-time", "0.01", "--rounds", "3", "--impl", "reference",
