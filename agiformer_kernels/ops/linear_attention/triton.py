@@ -317,9 +317,7 @@ def _acc(dtype: torch.dtype):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """The dots' precision for 16-bit inputs (their products are taken in fp32). The gradient kernel at head dims
-    above 64 takes "ieee" instead: its six tf32 dots staged 240-256 KiB of operands in shared memory at D = 128
-    (sm_90 has 227; found compiling for sm_90 without a GPU, tests/sm90_compile.py), the FMA dots fit."""
+    """The dots' precision for 16-bit inputs (their products are taken in fp32)."""
     return {torch.bfloat16: "tf32", torch.float16: "tf32x3"}.get(dtype, "ieee")
 
 
@@ -465,6 +463,8 @@ def linear_attention_triton_bwd(
             v = v.contiguous()
             do = do.contiguous()
             o = o.contiguous()
+        # above head dim 64 the gradient kernel's six tf32 dots staged 240-256 KiB of operands in shared memory
+        # (at D = 128; sm_90 has 227, found by tests/sm90_compile.py): it takes FMA ("ieee") dots there, which fit
         chunk_grads_bwd_kernel[(n_chunks, H)](
             q, k, v, do, o, den, chunk_S, chunk_z, chunk_dS, chunk_dz, dq, dk, dv, cu_seqlens, chunk_seq, chunk_idx,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
