@@ -8,6 +8,8 @@
                                                             # rounds, each measurement in its own process
     python -m benchmarks.run --device cuda --op gru_patch_loss --profile 12   # and the 12 kernels taking
                                                             # the most time in one fwd+bwd, per step
+    python -m benchmarks.run --quick --cpu-arch x86-64-v3   # the C++ CPU kernels built for AVX2, on any
+                                                            # CPU that runs it (an AVX-512 one included)
 
 Times are medians: ``triton.testing.do_bench`` on GPU, ``torch.utils.benchmark`` on CPU; with
 ``--rounds N`` the implementations of a case take turns N times and each keeps its best median, so
@@ -19,6 +21,8 @@ allocator state carries over. Each implementation's output is checked against th
 ``--profile N`` then runs each measured fwd+bwd (or fwd) a few times under ``torch.profiler`` and
 records (row ``"profile"``) the N kernels with the most self CUDA time on GPU, the N ops with the most
 self CPU time on CPU, per step, beside the total of that time per step.
+The JSON records the CPU's x86-64 level (``host_isa``), the -march asked for (``cpu_arch``) and the level each
+op's C++ CPU kernels were built for (``kernels_isa``); ``--cpu-arch`` sets AGIFORMER_KERNELS_CPU_ARCH for the run.
 The JSON is rewritten after every case (``"complete": false`` until the last), so a run cut short keeps
 what it finished.
 """
@@ -42,6 +46,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
+from agiformer_kernels import extension
 from benchmarks import registry
 from benchmarks.registry import CASES, IMPLS, Case, Impl
 
@@ -249,6 +254,33 @@ def commit() -> str:
         return "unknown"
 
 
+def isa() -> dict:
+    """The instruction sets of this run: the CPU's level, the -march asked for, and the level each op's C++ CPU
+    kernels are built for (a prebuilt library's, or what a JIT build targets)."""
+    try:
+        ops = extension.ops_with_sources()
+    except FileNotFoundError:  # no C++ sources installed: no kernels to describe
+        ops = []
+    return {"host_isa": extension.host_isa(), "cpu_arch": extension.cpu_arch(),
+            "kernels_isa": {op: extension.built_isa(op) for op in ops}}
+
+
+def isa_summary(info: dict) -> str:
+    """info (from ``isa``) in a few words, for the device line."""
+    kernels = "/".join(sorted(set(info["kernels_isa"].values()))) or "none"
+    asked = f" (--cpu-arch {info['cpu_arch']})" if info["cpu_arch"] != "native" else ""
+    return f"isa: host {info['host_isa']}, C++ kernels {kernels}{asked}"
+
+
+def default_output(device: str, kind: str, ops: list[str], info: dict) -> Path:
+    """benchmarks/results/<device>-<kind>[-<op>...][-<level>].json: the level of the C++ kernels when it is not
+    the CPU's own, so that a run at a lower level does not overwrite the native one."""
+    levels = set(info["kernels_isa"].values())
+    level = next(iter(levels)) if len(levels) == 1 else info["cpu_arch"]
+    parts = [device, kind] + sorted(ops) + ([level] if level not in ("native", info["host_isa"]) else [])
+    return RESULTS / ("-".join(parts) + ".json")
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     try:
@@ -320,6 +352,7 @@ def measure_isolated(case: Case, impl: Impl, args) -> dict:
     cmd += ["--no-memory"] if args.no_memory else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--profile", str(args.profile)] if args.profile else []
+    cmd += ["--cpu-arch", args.cpu_arch] if args.cpu_arch else []
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]  # a library may print too
     if done.returncode or not lines:
@@ -427,12 +460,23 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also record the N kernels (ops on CPU) taking the most time per step")
+    parser.add_argument("--cpu-arch", metavar="LEVEL",
+                        help="build the C++ CPU kernels for this -march, e.g. x86-64-v3 (sets "
+                             f"{extension.CPU_ARCH_VAR}; default: the highest level this CPU runs)")
     parser.add_argument("--child", nargs=3, metavar=("OP", "CASE", "IMPL"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<device>-<kind>.json)")
+    parser.add_argument("--out", type=Path,
+                        help="JSON path (default: benchmarks/results/<device>-<kind>[-<op>...][-<level>].json, the "
+                             "level of the C++ CPU kernels where it is not this CPU's)")
     parser.add_argument("--plot", action="store_true", help="also draw time and memory against L (PNG)")
     parser.add_argument("--list", action="store_true", help="list the selected cases and implementations")
     args = parser.parse_args(argv)
 
+    if args.cpu_arch:  # before any extension loads; --isolate's children get it too
+        os.environ[extension.CPU_ARCH_VAR] = args.cpu_arch
+    try:
+        extension.cpu_arch()
+    except ValueError as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     registry.load_all()
@@ -455,16 +499,18 @@ def main(argv=None) -> int:
         return 1
 
     peaks = measure_peaks(args.device, {c.dtype for c in cases})
-    print(f"device: {device_name(args.device)}; measured peaks: "
+    instruction_sets = isa()
+    print(f"device: {device_name(args.device)}; {isa_summary(instruction_sets)}; measured peaks: "
           + ", ".join(f"{k.split('.')[-1]} {v / 1e9:.0f} GFLOP/s" for k, v in peaks["flops"].items())
           + ", copy " + ", ".join(f"{v / 1e9:.0f} GB/s at {int(k) >> 20} MiB" for k, v in peaks["bytes_per_s"].items()))
     kind = "sweep" if args.sweep else "quick" if args.quick else "full"
-    out = args.out or RESULTS / "-".join([args.device, kind] + sorted(args.op or []) + [".json"]).replace("-.", ".")
+    out = args.out or default_output(args.device, kind, args.op or [], instruction_sets)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     record = {
         "device": device_name(args.device),
         "device_type": args.device,
+        **instruction_sets,
         "versions": versions(),
         "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,10 +1,14 @@
 """The benchmark runner on a toy op: rows, error check, speedups and the JSON it writes."""
 
+import argparse
 import json
+import os
+import subprocess
 
 import pytest
 import torch
 
+from agiformer_kernels import extension
 from benchmarks import registry, run
 
 
@@ -151,3 +155,57 @@ def test_interrupted_run_keeps_finished_cases(toy_registry, tmp_path):
     record = json.loads(out.read_text())
     assert record["complete"] is False
     assert [(r["op"], r["status"]) for r in record["rows"]] == [("toy", "ok")]
+
+
+@pytest.fixture
+def avx512_host(monkeypatch):
+    """An x86-64-v4 CPU with nothing prebuilt and no op loaded, whatever this machine is; the runner's --cpu-arch
+    sets AGIFORMER_KERNELS_CPU_ARCH in os.environ, which monkeypatch restores."""
+    monkeypatch.setattr(extension, "host_isa", lambda *args, **kwargs: "x86-64-v4")
+    monkeypatch.setattr(extension, "prebuilt_libraries", lambda op: {})
+    monkeypatch.setattr(extension, "_loaded", {})
+    monkeypatch.delenv(extension.CPU_ARCH_VAR, raising=False)
+
+
+def test_cpu_arch_is_recorded_and_names_the_default_output(toy_registry, avx512_host, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    assert run.main(["--quick", "--device", "cpu", "--min-run-time", "0.01", "--no-memory", "--impl", "reference",
+                     "--cpu-arch", "x86-64-v3"]) == 0
+    assert os.environ[extension.CPU_ARCH_VAR] == "x86-64-v3"
+    record = json.loads((tmp_path / "cpu-quick-x86-64-v3.json").read_text())
+    assert record["host_isa"] == "x86-64-v4" and record["cpu_arch"] == "x86-64-v3"
+    assert record["kernels_isa"] == {op: "x86-64-v3" for op in extension.ops_with_sources()}
+    assert "isa: host x86-64-v4, C++ kernels x86-64-v3 (--cpu-arch x86-64-v3)" in capsys.readouterr().out
+
+
+def test_default_output_names_a_level_that_is_not_the_hosts():
+    def name(cpu_arch, kernels, ops=()):
+        info = {"host_isa": "x86-64-v4", "cpu_arch": cpu_arch, "kernels_isa": dict.fromkeys(["a", "b"], kernels)}
+        return run.default_output("cpu", "quick", list(ops), info).name
+
+    assert name("native", "x86-64-v4") == "cpu-quick.json"
+    assert name("native", "x86-64-v4", ["lin", "gru"]) == "cpu-quick-gru-lin.json"
+    assert name("x86-64-v4", "x86-64-v4") == "cpu-quick.json"  # the host's own level
+    assert name("x86-64-v2", "x86-64-v2", ["gru"]) == "cpu-quick-gru-x86-64-v2.json"
+    assert name("native", "x86-64-v3") == "cpu-quick-x86-64-v3.json"  # the highest level prebuilt is below the host's
+
+
+def test_isolated_children_get_the_cpu_arch(toy_registry, monkeypatch):
+    calls = []
+
+    def child(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
+
+    monkeypatch.setattr(run.subprocess, "run", child)
+    args = argparse.Namespace(min_run_time=0.01, no_memory=True, threads=None, profile=0, cpu_arch="x86-64-v3")
+    assert run.measure_isolated(registry.CASES[0], registry.IMPLS["toy"][0], args) == {"status": "ok"}
+    [cmd] = calls
+    assert cmd[cmd.index("--cpu-arch") + 1] == "x86-64-v3"
+
+
+def test_cpu_arch_above_the_host_is_refused(toy_registry, avx512_host, monkeypatch, capsys):
+    monkeypatch.setattr(extension, "host_isa", lambda *args, **kwargs: "x86-64-v2")
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--device", "cpu", "--list", "--cpu-arch", "x86-64-v3"])
+    assert f"{extension.CPU_ARCH_VAR}=x86-64-v3: this CPU runs x86-64-v2 at most" in capsys.readouterr().err

@@ -8,6 +8,11 @@
   patch; v1 reruns the model over the last ``ctx`` bytes for every patch (as v1's generate.py did with
   1024), so its per-byte cost does not depend on ``new`` and it is timed on the ``-new16`` cases only.
   Both are greedy, so on ``-new16`` the runner's err column compares their bytes.
+  ``weight-stream`` is the floor of an exact fp32 step at batch 1, where every patch is a chain of
+  matrix-vector products: it only reads each weight matrix once per patch (the reasoning block's once per
+  thinking step) with ``torch.mv``, as many patches as the case generates. Its rate is the most a
+  generator can reach at the bandwidth ``torch.mv`` gets from memory on this machine, in this run, so
+  ours' speedup against it is the fraction of that floor reached (timed where v1 is not: past -new16).
 
     python -m benchmarks.run --op model --rounds 3 --isolate            # CPU rows (fp32)
     python -m benchmarks.run --op model --device cuda                   # SPEC §3 GPU rows (bf16 autocast)
@@ -91,6 +96,34 @@ def run_agiformer(inputs):
         return m.sequence_loss(inputs["seq"])
 
 
+def weight_stream_inputs(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(matrix, vector) pairs: each weight matrix of a patch step as often as the step reads it (byte tables
+    are read a row at a time, not streamed: left out)."""
+    steps = getattr(model, "thinking_steps", 1)
+    pairs = []
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or "embedding" in name or "byte_emb" in name:
+            continue
+        w = p.detach().reshape(p.shape[0], -1)
+        pairs += [(w, torch.randn(w.shape[1], device=w.device))] * (steps if name.startswith("reasoning.") else 1)
+    return pairs
+
+
+def run_weight_stream(inputs):
+    pairs = inputs.setdefault("weight_stream", weight_stream_inputs(inputs["agiformer"]))
+    patches = -(-inputs["new_bytes"] // CONFIG["patch_size"])
+    for _ in range(patches):
+        for w, x in pairs:
+            torch.mv(w, x)
+    return None  # no bytes: nothing for the err column to compare
+
+
+def weight_stream_available(c) -> str | None:
+    if c.device != "cpu" or c.params.get("B") != 1 or c.params.get("new_bytes", 0) <= V1_NEW_BYTES:
+        return "the weight-streaming floor is timed on the batch-1 CPU generation cases past -new16"
+    return None
+
+
 def v1_available(c) -> str | None:
     if c.params.get("new_bytes", 0) > V1_NEW_BYTES:
         return f"v1 reruns the model per patch at a constant cost: timed on the -new{V1_NEW_BYTES} case"
@@ -99,6 +132,7 @@ def v1_available(c) -> str | None:
 
 impl(OP, "agiformer", run_agiformer)
 impl(OP, "v1", run_v1, available=v1_available, alternative=True)
+impl(OP, "weight-stream", run_weight_stream, available=weight_stream_available, alternative=True)
 
 
 def train_case(B, L, device, dtype, **kw):

@@ -43,6 +43,7 @@
 #endif
 
 #include "checks.h"
+#include "cpu_simd.h"
 
 namespace agf_gru_patch {
 
@@ -119,6 +120,24 @@ struct Gates16 {
     h = _mm512_fmadd_ps(z, _mm512_sub_ps(hp, n), n);
   }
 };
+#else
+// Every other ISA: the fp32 loops run on agf_simd vectors of the target's width (8 floats on AVX2, 4 on
+// NEON and SSE), their tails on the scalar loops.
+using VF = agf_simd::vec_t<float>;
+constexpr int64_t kW = agf_simd::Vec<float>::W;
+using agf_simd::vload;
+using agf_simd::vstore;
+
+// The GRU cell on one vector of units, as Gates16.
+struct GatesV {
+  VF r, z, n, h;
+  GatesV(VF ar, VF az, VF xn, VF hn, VF hp) {
+    r = 1.f / (1.f + agf_simd::vexp(-ar));
+    z = 1.f / (1.f + agf_simd::vexp(-az));
+    n = 1.f - 2.f / (1.f + agf_simd::vexp(2.f * (xn + r * hn)));  // tanh, saturating without overflow
+    h = n + z * (hp - n);
+  }
+};
 #endif
 
 template <typename T>
@@ -139,6 +158,9 @@ inline void exp_affine(const T* x, T shift, T scale, T* y, int64_t n) {
       _mm512_mask_storeu_ps(y + j, m, exp16(v));
     }
   }
+#else
+  if constexpr (std::is_same_v<T, float>)
+    for (; j + kW <= n; j += kW) vstore(y + j, agf_simd::vexp((vload(x + j) + shift) * scale));
 #endif
   for (; j < n; ++j) y[j] = std::exp((x[j] + shift) * scale);
 }
@@ -173,6 +195,28 @@ inline void gate_row(int64_t h, const T* ge, const T* gc, const T* gh, const T* 
         _mm512_mask_storeu_ps(save + h + j, m, g.z);
         _mm512_mask_storeu_ps(save + 2 * h + j, m, g.n);
         _mm512_mask_storeu_ps(save + 3 * h + j, m, hn);
+      }
+    }
+  }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kW <= h; j += kW) {
+      VF hr = vload(bhh + j), hz = vload(bhh + h + j), hn = vload(bhh + 2 * h + j);
+      if (gh) {
+        hr += vload(gh + j);
+        hz += vload(gh + h + j);
+        hn += vload(gh + 2 * h + j);
+      }
+      const VF ar = (vload(ge + j) + vload(gc + j)) + (vload(bih + j) + hr);
+      const VF az = (vload(ge + h + j) + vload(gc + h + j)) + (vload(bih + h + j) + hz);
+      const VF xn = (vload(ge + 2 * h + j) + vload(gc + 2 * h + j)) + vload(bih + 2 * h + j);
+      const GatesV g(ar, az, xn, hn, hprev ? vload(hprev + j) : VF{});
+      vstore(hnew + j, g.h);
+      if (save) {
+        vstore(save + j, g.r);
+        vstore(save + h + j, g.z);
+        vstore(save + 2 * h + j, g.n);
+        vstore(save + 3 * h + j, hn);
       }
     }
   }
@@ -224,6 +268,23 @@ inline void gate_row_bwd(int64_t h, T* dh, const T* g, const T* hprev, T* dgi, T
       _mm512_mask_storeu_ps(dh + j, m, _mm512_mul_ps(d, zv));
     }
   }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kW <= h; j += kW) {
+      const VF d = vload(dh + j), rv = vload(r + j), zv = vload(z + j), nv = vload(n + j), hnv = vload(hn + j);
+      const VF hp = hprev ? vload(hprev + j) : VF{};
+      const VF dan = d * (1.f - zv) * (1.f - nv * nv);
+      const VF daz = d * (hp - nv) * (zv * (1.f - zv));
+      const VF dar = dan * hnv * (rv * (1.f - rv));
+      vstore(dgi + j, dar);
+      vstore(dgi + h + j, daz);
+      vstore(dgi + 2 * h + j, dan);
+      vstore(dgh + j, dar);
+      vstore(dgh + h + j, daz);
+      vstore(dgh + 2 * h + j, dan * rv);
+      vstore(dh + j, d * zv);
+    }
+  }
 #endif
   for (; j < h; ++j) {
     const T d = dh[j];
@@ -258,6 +319,22 @@ inline T add_bias_lse(T* l, const T* b, T* scratch) {
     __m512 sv = _mm512_setzero_ps();
     for (int64_t k = 0; k < kVocab; k += 16) sv = _mm512_add_ps(sv, _mm512_loadu_ps(scratch + k));
     return mx + std::log(_mm512_reduce_add_ps(sv));
+  }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    static_assert(kVocab % kW == 0);
+    VF mv = VF{} - std::numeric_limits<float>::infinity();
+    for (int64_t k = 0; k < kVocab; k += kW) {
+      const VF v = vload(l + k) + vload(b + k);
+      vstore(l + k, v);
+      mv = v > mv ? v : mv;  // a NaN logit is skipped here and makes the sum below NaN
+    }
+    float mx = mv[0];
+    for (int i = 1; i < kW; ++i) mx = std::max(mx, mv[i]);
+    exp_affine(l, -mx, 1.f, scratch, kVocab);
+    VF sv = {};
+    for (int64_t k = 0; k < kVocab; k += kW) sv += vload(scratch + k);
+    return mx + std::log(agf_simd::hsum<float>(sv));
   }
 #endif
   T mx = -std::numeric_limits<T>::infinity();
@@ -316,6 +393,22 @@ inline int64_t argmax_row(const T* l) {
       }
     }
   }  // with a NaN, the scan below finds the first
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    VF mv = vload(l);
+    auto nan = mv != mv;
+    for (int64_t k = kW; k < kVocab; k += kW) {
+      const VF x = vload(l + k);
+      nan |= x != x;
+      mv = x > mv ? x : mv;
+    }
+    bool any_nan = false;
+    float mx = mv[0];
+    for (int i = 0; i < kW; ++i) any_nan |= nan[i] != 0, mx = std::max(mx, mv[i]);
+    if (!any_nan)
+      for (int64_t k = 0; k < kVocab; ++k)
+        if (l[k] == mx) return k;
+  }  // with a NaN, the scan below finds the first
 #endif
   int64_t best = 0;
   for (int64_t k = 1; k < kVocab && !std::isnan(l[best]); ++k)
@@ -349,7 +442,14 @@ inline int64_t choose_byte(const T* l, const SampleParams& sp, int64_t row, int6
 
 // ------------------------------------------------------------------------------------------------
 // y[i·ldy + j] = Σ_k x_i[k]·W[j·ldw + k] for i < m, j < n: the few-rows product of the generation
-// regime, where BLAS call overhead would dominate. Register tile: 4 weight rows × 4 input rows.
+// regime, where BLAS call overhead would dominate. Register tile: kDotRows weight rows × kDotInputs input
+// rows, one accumulator vector each, summed across lanes at the end.
+#if defined(__AVX512F__)
+constexpr int kDotRows = 4, kDotInputs = 4;  // 16 accumulators + 4 weight vectors + 1 input = 21 of 32 zmm
+#else
+// the GEMM tile's budget (cpu_simd.h): 12 accumulators + 3 weight vectors + 1 input = 16 of 16 ymm on AVX2
+constexpr int kDotInputs = 4, kDotRows = agf_simd::tile_vecs(kDotInputs);
+#endif
 
 #if defined(__AVX512F__)
 // The 16 horizontal sums of a[0..15] in one vector (lane q = Σ a[q]): pairwise unpacks within 128-bit lanes,
@@ -396,7 +496,11 @@ inline void dot_block_4x4(const float* const* x, const float* W, int64_t ldw, in
   }
   const __m512 acc[16] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33};
   const __m512 sums = hsum16(acc);  // lane i·4 + j = Σ a_ij
-  for (int i = 0; i < 4; ++i) _mm_storeu_ps(y + i * ldy, _mm512_extractf32x4_ps(sums, i));
+  // the lane index of an extract is an immediate: written out, not a loop the compiler may not unroll
+  _mm_storeu_ps(y, _mm512_extractf32x4_ps(sums, 0));
+  _mm_storeu_ps(y + ldy, _mm512_extractf32x4_ps(sums, 1));
+  _mm_storeu_ps(y + 2 * ldy, _mm512_extractf32x4_ps(sums, 2));
+  _mm_storeu_ps(y + 3 * ldy, _mm512_extractf32x4_ps(sums, 3));
 }
 #endif
 
@@ -424,6 +528,30 @@ inline void dot_block(const T* const* x, const T* W, int64_t ldw, int64_t k, T* 
     }
     return;
   }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    const float* xp[IB];  // local copies: loads through x would have to be redone after every store
+    for (int i = 0; i < IB; ++i) xp[i] = x[i];
+    VF acc[IB][JB];
+    for (int i = 0; i < IB; ++i)
+      for (int j = 0; j < JB; ++j) acc[i][j] = VF{};
+    int64_t kk = 0;
+    for (; kk + kW <= k; kk += kW) {
+      VF w[JB];
+      for (int j = 0; j < JB; ++j) w[j] = vload(W + j * ldw + kk);
+      for (int i = 0; i < IB; ++i) {
+        const VF xv = vload(xp[i] + kk);
+        for (int j = 0; j < JB; ++j) acc[i][j] += w[j] * xv;
+      }
+    }
+    for (int i = 0; i < IB; ++i)
+      for (int j = 0; j < JB; ++j) {
+        float s = agf_simd::hsum<float>(acc[i][j]);
+        for (int64_t t = kk; t < k; ++t) s += xp[i][t] * W[j * ldw + t];
+        y[i * ldy + j] = s;
+      }
+    return;
+  }
 #endif
   for (int i = 0; i < IB; ++i)
     for (int j = 0; j < JB; ++j) {
@@ -435,14 +563,20 @@ inline void dot_block(const T* const* x, const T* W, int64_t ldw, int64_t k, T* 
     }
 }
 
-template <typename T, int JB>
+// The tile with exactly ib input rows and JB weight rows (the edges of a product have fewer).
+template <typename T, int JB, int IB = kDotInputs>
 inline void dot_rows_jb(int64_t ib, const T* const* x, const T* W, int64_t ldw, int64_t k, T* y, int64_t ldy) {
-  switch (ib) {
-    case 4: return dot_block<T, JB, 4>(x, W, ldw, k, y, ldy);
-    case 3: return dot_block<T, JB, 3>(x, W, ldw, k, y, ldy);
-    case 2: return dot_block<T, JB, 2>(x, W, ldw, k, y, ldy);
-    default: return dot_block<T, JB, 1>(x, W, ldw, k, y, ldy);
-  }
+  if constexpr (IB > 1)
+    if (ib < IB) return dot_rows_jb<T, JB, IB - 1>(ib, x, W, ldw, k, y, ldy);
+  dot_block<T, JB, IB>(x, W, ldw, k, y, ldy);
+}
+
+template <typename T, int JB = kDotRows>
+inline void dot_tile(int64_t jb, int64_t ib, const T* const* x, const T* W, int64_t ldw, int64_t k, T* y,
+                     int64_t ldy) {
+  if constexpr (JB > 1)
+    if (jb < JB) return dot_tile<T, JB - 1>(jb, ib, x, W, ldw, k, y, ldy);
+  dot_rows_jb<T, JB>(ib, x, W, ldw, k, y, ldy);
 }
 
 #if defined(__AVX512F__)
@@ -478,28 +612,42 @@ inline int64_t dot_row1(const float* x, const float* W, int64_t ldw, int64_t n, 
   }
   return n16;
 }
+#else
+// One input row (the matrix-vector product of sampling at M = 1) for the first n - n mod 4 rows: 4 weight
+// rows × 2 interleaved k-slices, 8 independent FMA chains (two FMA units of 4-cycle latency need 8);
+// 8 accumulators + 2 input vectors + 1 weight vector.
+inline int64_t dot_row1(const float* x, const float* W, int64_t ldw, int64_t n, int64_t k, float* y) {
+  const int64_t n4 = n - n % 4, k2 = k - k % (2 * kW);
+  for (int64_t j = 0; j < n4; j += 4) {
+    const float* w = W + j * ldw;
+    VF a[4][2];
+    for (int q = 0; q < 4; ++q) a[q][0] = a[q][1] = VF{};
+    for (int64_t kk = 0; kk < k2; kk += 2 * kW) {
+      const VF x0 = vload(x + kk), x1 = vload(x + kk + kW);
+      for (int q = 0; q < 4; ++q) {
+        a[q][0] += vload(w + q * ldw + kk) * x0;
+        a[q][1] += vload(w + q * ldw + kk + kW) * x1;
+      }
+    }
+    for (int q = 0; q < 4; ++q) {
+      float s = agf_simd::hsum<float>(a[q][0] + a[q][1]);
+      for (int64_t t = k2; t < k; ++t) s += x[t] * w[q * ldw + t];
+      y[j + q] = s;
+    }
+  }
+  return n4;
+}
 #endif
 
 template <typename T>
 void dot_rows(int64_t m, const T* const* x, const T* W, int64_t ldw, int64_t n, int64_t k, T* y, int64_t ldy) {
   int64_t j0 = 0;
-#if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>)
     if (m == 1) j0 = dot_row1(x[0], W, ldw, n, k, y);
-#endif
-  for (int64_t j = j0; j < n; j += 4) {
-    const int64_t jb = std::min<int64_t>(4, n - j);
-    for (int64_t i = 0; i < m; i += 4) {
-      const int64_t ib = std::min<int64_t>(4, m - i);
-      const T* const* xi = x + i;
-      T* yij = y + i * ldy + j;
-      switch (jb) {
-        case 4: dot_rows_jb<T, 4>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
-        case 3: dot_rows_jb<T, 3>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
-        case 2: dot_rows_jb<T, 2>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
-        default: dot_rows_jb<T, 1>(ib, xi, W + j * ldw, ldw, k, yij, ldy); break;
-      }
-    }
+  for (int64_t j = j0; j < n; j += kDotRows) {
+    const int64_t jb = std::min<int64_t>(kDotRows, n - j);
+    for (int64_t i = 0; i < m; i += kDotInputs)
+      dot_tile<T>(jb, std::min<int64_t>(kDotInputs, m - i), x + i, W + j * ldw, ldw, k, y + i * ldy + j, ldy);
   }
 }
 

@@ -10,12 +10,9 @@
 // backward accumulating dS = Σ q̂ dnumᵀ, dz = Σ q̂ dden for dk, dv.
 // Accumulation and state are fp32 (fp64 for double inputs) whatever the input dtype.
 
-// The register tiles are written as a·b + c: let the compiler fuse them into FMAs even in ISO C++
-// mode. Rows are short (D values): a libc memmove call per row copy would cost more than the copy.
+// Rows are short (D values): a libc memmove call per row copy would cost more than the copy.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=fast", "no-tree-loop-distribute-patterns")
-#elif defined(__clang__)
-#pragma clang fp contract(fast)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
 #endif
 
 #include <ATen/ATen.h>
@@ -33,42 +30,22 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_simd.h"
 
 namespace agf_linear_attention {
+
+using agf_simd::round_up;
+using agf_simd::vec_t;
+using agf_simd::Vec;
+using agf_simd::vload;
+using agf_simd::vstore;
 
 constexpr int64_t kChunk = 64;
 
 // ---- Small GEMMs on thread-local blocks -------------------------------------------------------
 // C[m×n] (+)= A[m×k]·B[k×n] with B and C row-major and A addressed as A[i·sa_i + p·sa_p], so a
 // transposed A costs nothing. n is padded to whole vectors (the buffers' pad columns are zero).
-// Register tile: MR = 4 rows × up to 4 vectors (64 floats, 32 doubles), 16 accumulators; per step
-// of p it loads one row of B and broadcasts MR values of A. GCC/Clang vector extensions compile
-// to AVX-512 under -march=native and to narrower units elsewhere.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  static constexpr int W = 8;
-};
-
-template <typename T>
-inline typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-inline void vstore(T* p, const typename Vec<T>::type& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// Register tiles of agf_simd::kTileRows rows (cpu_simd.h, sized per ISA).
 
 // Which part of a product a causal chunk needs, per block of rows [i0, i0 + MR):
 enum class Part {
@@ -78,93 +55,23 @@ enum class Part {
   UpperK,     // A is upper triangular in (i, p): p >= i0
 };
 
-template <typename T, int MR, int NV>
-inline void gemm_tile(int64_t p0, int64_t p1, const T* __restrict__ A, int64_t sa_i, int64_t sa_p,
-                      const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc, bool accumulate) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
-  V c[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) c[i][v] = accumulate ? vload(C + i * ldc + v * W) : V{};
-  for (int64_t p = p0; p < p1; ++p) {
-    V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = vload(B + p * ldb + v * W);
-    for (int i = 0; i < MR; ++i) {
-      const T a = A[i * sa_i + p * sa_p];
-      for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * W, c[i][v]);
-}
-
-template <typename T, int MR>
-inline void gemm_rows(int64_t ncols, int64_t p0, int64_t p1, const T* A, int64_t sa_i, int64_t sa_p, const T* B,
-                      int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int W = Vec<T>::W;
-  for (int64_t j0 = 0; j0 < ncols; j0 += 4 * W) {
-    switch (std::min<int64_t>(4, (ncols - j0) / W)) {
-      case 4: gemm_tile<T, MR, 4>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
-      case 3: gemm_tile<T, MR, 3>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
-      case 2: gemm_tile<T, MR, 2>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
-      default: gemm_tile<T, MR, 1>(p0, p1, A, sa_i, sa_p, B + j0, ldb, C + j0, ldc, accumulate); break;
-    }
-  }
-}
-
 // C[m×n] (+)= A·B over the part of the product that `part` says is needed; n a multiple of Vec<T>::W.
 template <typename T>
 void gemm(Part part, int64_t m, int64_t n, int64_t k, const T* A, int64_t sa_i, int64_t sa_p, const T* B,
           int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int MR = 4, W = Vec<T>::W;
+  constexpr int64_t MR = agf_simd::kTileRows, W = Vec<T>::W;
   for (int64_t i0 = 0; i0 < m; i0 += MR) {
     const int64_t rows = std::min<int64_t>(MR, m - i0);
     int64_t p0 = 0, p1 = k, ncols = n;
     if (part == Part::CausalOut) ncols = std::min(n, round_up(i0 + rows, W));
     if (part == Part::LowerK) p1 = std::min(k, i0 + rows);
     if (part == Part::UpperK) p0 = i0;
-    const T* Ai = A + i0 * sa_i;
-    T* Ci = C + i0 * ldc;
-    switch (rows) {
-      case 4: gemm_rows<T, 4>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
-      case 3: gemm_rows<T, 3>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
-      case 2: gemm_rows<T, 2>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
-      default: gemm_rows<T, 1>(ncols, p0, p1, Ai, sa_i, sa_p, B, ldb, Ci, ldc, accumulate); break;
-    }
+    agf_simd::gemm_rows<T>(rows, A + i0 * sa_i, sa_i, sa_p, B, ldb, C + i0 * ldc, ldc, p0, p1, 0, ncols / W,
+                           accumulate);
   }
 }
 
 // ---- Lane-wise helpers on padded rows (lengths a multiple of Vec<T>::W) ----------------------
-template <typename T>
-using vec_t = typename Vec<T>::type;
-
-// exp(min(x, 0)) in fp32: Cephes polynomial (~1 ulp) with the 2^n scaling done on the exponent
-// bits; below -87 it returns exp(-87), which φ's + feature_eps and φ' absorb.
-inline vec_t<float> vexp_nonpositive(vec_t<float> x) {
-  typedef int32_t vint __attribute__((vector_size(64)));
-  const vec_t<float> zero = {};
-  x = x > zero ? zero : x;
-  x = x < zero - 87.0f ? zero - 87.0f : x;
-  const vec_t<float> t = x * 1.44269504088896341f - 0.5f;  // floor(x·log2 e + 0.5) = ceil(t)
-  vint n = __builtin_convertvector(t, vint);               // t <= 0: truncation is ceil
-  const vec_t<float> nf = __builtin_convertvector(n, vec_t<float>);
-  const vec_t<float> r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  vec_t<float> p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  n = (n + 127) << 23;
-  vec_t<float> two_n;
-  std::memcpy(&two_n, &n, sizeof(two_n));
-  return p * two_n;
-}
-inline vec_t<double> vexp_nonpositive(vec_t<double> x) {
-  for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(std::min(x[i], 0.0));
-  return x;
-}
-
 // row[0 .. n) = mul·φ(row) (elu+1: x + 1 + feature_eps for x > 0, exp(x) + feature_eps else), then
 // the pad row[valid .. n) back to zero. With `deriv`, also deriv[0 .. n) = mul·φ'(row) (elu+1: 1 for
 // x > 0, exp(x) else), for the backward, from the same exp.
@@ -176,7 +83,7 @@ inline void apply_feature(T* row, int64_t n, int64_t valid, bool elu, T feps, T 
     vec_t<T> x = vload(row + d);
     vec_t<T> f = zero + mul;
     if (elu) {
-      const vec_t<T> e = vexp_nonpositive(x);
+      const vec_t<T> e = agf_simd::vexp(x > zero ? zero : x);  // exp(min(x, 0))
       const auto positive = x > zero;
       f = positive ? f : mul * e;
       x = positive ? x + (T(1) + feps) : e + feps;
@@ -196,9 +103,7 @@ template <typename T>
 inline T vdot(const T* a, const T* b, int64_t n) {
   vec_t<T> acc = {};
   for (int64_t d = 0; d < n; d += Vec<T>::W) acc += vload(a + d) * vload(b + d);
-  T sum = 0;
-  for (int i = 0; i < Vec<T>::W; ++i) sum += acc[i];
-  return sum;
+  return agf_simd::hsum<T>(acc);
 }
 
 template <typename T>
@@ -264,6 +169,11 @@ struct Rows {
   Rows(const at::Tensor& t)
       : ptr(t.data_ptr<scalar_t>()), sb(t.stride(0)), sl(t.stride(1)), sh(t.stride(2)) {}
   scalar_t* row(const Item& it, int64_t t) const { return ptr + it.b * sb + (it.start + t) * sl + it.h * sh; }
+  // Rows [t0, t1) of the item towards the cache (`write`: outputs) while the current chunk computes.
+  void prefetch(const Item& it, int64_t t0, int64_t t1, int64_t n, bool write = false) const {
+    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min(t1, it.len); ++t)
+      agf_simd::prefetch(row(it, t), n * static_cast<int64_t>(sizeof(scalar_t)), write);
+  }
 };
 
 // dst[j·ldd + i] = src[i·lds + j] for i < rows, j < cols. Walks dst in order: src is always a small
@@ -314,9 +224,7 @@ template <typename T>
 inline T masked_row_sum(const T* row, int64_t t) {
   vec_t<T> acc = {};
   for (int64_t s = 0; s <= t; s += Vec<T>::W) acc += vload(row + s);
-  T sum = 0;
-  for (int i = 0; i < Vec<T>::W; ++i) sum += acc[i];
-  return sum;
+  return agf_simd::hsum<T>(acc);
 }
 
 template <typename scalar_t>
@@ -360,6 +268,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         to_acc(z.data(), cz_ptr + row * D, D);
 
         ch.load(Q, K, V, it, t0, n, p);
+        Q.prefetch(it, t0 + C, t0 + 2 * C, D);
+        K.prefetch(it, t0 + C, t0 + 2 * C, D);
+        V.prefetch(it, t0 + C, t0 + 2 * C, Dv);
+        O.prefetch(it, t0 + C, t0 + 2 * C, Dv, true);
         gemm(Part::CausalOut, n, round_up(n, W), D, ch.q.data(), Dp, 1, ch.kt.data(), C, A.data(), C, false);
         mask_upper(A.data(), n);
         gemm(Part::Full, n, Dvp, D, ch.q.data(), Dp, 1, S.data(), Dvp, num.data(), Dvp, false);  // earlier chunks
@@ -427,6 +339,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor* dS_in, const at::
         for (int64_t j = 0; j < Dv; ++j) to_acc(cS_ptr + (row * Dv + j) * D, &St[j * Dp], D);
         to_acc(cz_ptr + row * D, z.data(), D);
         ch.load(Q, K, V, it, t0, n, p);
+        for (const Rows<scalar_t>* r : {&Q, &K}) r->prefetch(it, t0 - C, t0, D);
+        for (const Rows<scalar_t>* r : {&V, &O, &dO}) r->prefetch(it, t0 - C, t0, Dv);
+        for (const Rows<scalar_t>* r : {&dQ, &dK}) r->prefetch(it, t0 - C, t0, D, true);
+        dV.prefetch(it, t0 - C, t0, Dv, true);
         for (int64_t t = 0; t < n; ++t) {
           T* Gr = &G[t * Dvp];
           to_acc(dO.row(it, t0 + t), Gr, Dv);
@@ -638,8 +554,7 @@ void step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         vstore(zi + d0, zn);
         zacc += vload(&qh[d0]) * zn;
       }
-      T den = eps;
-      for (int i_ = 0; i_ < W; ++i_) den += zacc[i_];
+      T den = eps + agf_simd::hsum<T>(zacc);
       for (; d0 < D; ++d0) {
         zi[d0] += kh[d0];
         den += qh[d0] * zi[d0];
