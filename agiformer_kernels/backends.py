@@ -9,6 +9,8 @@ serves the call or raises ``BackendError`` saying why.
 Two questions decide whether a backend serves a call:
 - ``available(device_type)``: does it exist here at all (extension built, triton installed)?
   Answered once per (op, backend, device type) outside any ``torch.compile`` trace.
+  ``auto`` also passes over a C++ CPU kernel built for an instruction set where the benchmarks
+  show it slower than the reference (``CPU_SLOWER``); named, it still serves.
 - ``check(*args, **kwargs)``: can it take these inputs (dtype, head dim, ...)? Pure Python on
   shapes and dtypes, so torch.compile traces it and guards on the answer.
 """
@@ -40,6 +42,17 @@ OP_AUTO_ORDER = {
     ("sliding_window_attention_step", "cuda"): CUDA_FIRST,
     ("gru_patch_sample", "cuda"): CUDA_FIRST,
 }
+
+
+# (op, the x86-64 level its C++ CPU kernels are built for) -> why auto takes the reference instead: the cases
+# where benchmarks/results/cpu-<level>-ops.json has our kernel slower than the reference (whose matrix
+# products run torch's own AVX2/AVX-512 code whatever our level). Pairs not listed were measured faster
+# (every op at x86-64-v3, the GRU and the decode steps at v2) or are what the kernels were tuned on (v4).
+CPU_SLOWER: dict[tuple[str, str], str] = {}
+for _level in ("x86-64", "x86-64-v2"):  # SSE's 16-byte vectors (x86-64 compiles the same code as v2)
+    CPU_SLOWER[("linear_attention", _level)] = "fwd+bwd 37.9 against 34.1 ms at B1-L2048-H8-D64"
+    CPU_SLOWER[("sliding_window_attention", _level)] = "fwd+bwd 56.5 against 53.2 ms at B1-L2048-H8-D64-W128"
+del _level
 
 
 def without_autocast(fn: Callable) -> Callable:
@@ -110,6 +123,29 @@ def _unavailable(op: str, backend: str, device_type: str) -> Reason:
     return _availability[key]
 
 
+_auto_skips: dict[tuple[str, str, str], Reason] = {}
+
+
+@torch.compiler.assume_constant_result
+def _auto_skip(op: str, backend: str, device_type: str) -> Reason:
+    """Why ``auto`` passes over an available backend (CPU_SLOWER), or None."""
+    key = (op, backend, device_type)
+    if key not in _auto_skips:
+        _auto_skips[key] = None
+        level = cpu_kernel_level(op) if backend == "cpu" and device_type == "cpu" else None
+        if (op, level) in CPU_SLOWER:
+            _auto_skips[key] = f"built for {level}, where it is slower than the reference ({CPU_SLOWER[op, level]})"
+    return _auto_skips[key]
+
+
+def cpu_kernel_level(op: str) -> str | None:
+    """The level op's C++ CPU kernels are built for (its library's: csrc/<library>/, a prefix of op's name)."""
+    from . import extension
+
+    library = next((lib for lib in extension.ops_with_sources() if op.startswith(lib)), None)
+    return extension.built_isa(library) if library else None
+
+
 def _requested(backend: str | None) -> str:
     name = backend or os.environ.get(ENV_VAR) or "auto"
     if name not in BACKENDS + ("auto",):
@@ -152,7 +188,8 @@ def select(op: str, backend: str | None, device: torch.device, *args: Any, **kwa
         impl = impls.get(candidate)
         if impl is None:
             continue
-        reason = _unavailable(op, candidate, device_type) or impl.check(*args, **kwargs)
+        reason = _unavailable(op, candidate, device_type) or _auto_skip(op, candidate, device_type) or impl.check(
+            *args, **kwargs)
         if reason is None:
             for b, why in skipped:
                 _warn_once(op, b, why, candidate)
@@ -166,7 +203,8 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, di
 
     ``device`` defaults to ``"cuda"`` when a GPU is present, else ``"cpu"``. Asking may build
     the C++ extensions (JIT, once). A backend can still decline a call it does not support
-    (a dtype, a head dim); its error says so.
+    (a dtype, a head dim); its error says so. One that ``auto`` passes over here (CPU_SLOWER)
+    reads ``"available; auto skips it: <why>"``.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,7 +216,9 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, di
             if b not in _registry[op]:
                 report[op][b] = "not implemented for this op"
             else:
-                report[op][b] = _unavailable(op, b, device_type) or "available"
+                skip = None if _unavailable(op, b, device_type) else _auto_skip(op, b, device_type)
+                report[op][b] = _unavailable(op, b, device_type) or (
+                    f"available; auto skips it: {skip}" if skip else "available")
     return report
 
 

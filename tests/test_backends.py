@@ -23,6 +23,7 @@ def toy_op(monkeypatch):
     monkeypatch.setattr(backends, "_registry", {})
     monkeypatch.setattr(backends, "_availability", {})
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_auto_skips", {})
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     register(OP, "reference", double_reference)
     register(OP, "cpu", double_fast, check=lambda x: "float64 unsupported" if x.dtype == torch.float64 else None,
@@ -97,6 +98,20 @@ def test_available_backends_reports_reasons():
         "triton": "not implemented for this op",
         "cuda": "no GPU in this test",
     }
+
+
+def test_auto_skips_a_cpu_kernel_slower_than_the_reference_at_its_level(monkeypatch):
+    """CPU_SLOWER: auto takes the reference (one warning), a named 'cpu' still serves, and available_backends says
+    why; at a level not listed the kernel is auto's choice."""
+    monkeypatch.setattr(backends, "cpu_kernel_level", lambda op: "x86-64-v2")
+    monkeypatch.setitem(backends.CPU_SLOWER, (OP, "x86-64-v2"), "0.5x, measured")
+    with pytest.warns(RuntimeWarning, match="built for x86-64-v2, where it is slower than the reference"):
+        assert pick(torch.ones(2)) is double_reference
+    assert pick(torch.ones(2), "cpu") is double_fast
+    assert backends.available_backends("cpu")[OP]["cpu"].startswith("available; auto skips it: built for x86-64-v2")
+    monkeypatch.setattr(backends, "_auto_skips", {})
+    monkeypatch.setattr(backends, "cpu_kernel_level", lambda op: "x86-64-v3")
+    assert pick(torch.ones(2)) is double_fast
 
 
 def test_selection_traces_under_torch_compile():
