@@ -14,9 +14,11 @@ kept per row).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Iterator, Optional, Union
 
 import torch
+from torch import nn
 
 from .model import AGIFORMER
 
@@ -29,6 +31,28 @@ def _as_bytes(prompt: Union[bytes, str]) -> bytes:
 
 def _tensors(states) -> list[torch.Tensor]:
     return [t for layer in states for part in layer for t in part]
+
+
+@contextlib.contextmanager
+def _gemv_layout(model: nn.Module) -> Iterator[None]:
+    """On CPU, the weights of the widening ``nn.Linear`` layers (out > in: the qkv and first MLP projections)
+    stored transposed (``weight`` a ``[out, in]`` view of an ``[in, out]`` tensor) for the context, the same
+    values. A step runs each layer on one row, a matrix-vector product bound by streaming the weight from
+    memory; torch's CPU product streams long contiguous rows faster: a 512 → 1536 layer read 12-13 GB/s in
+    its own layout and 18-20 in this one on an AVX2 EPYC. The other layers' rows are already the long side
+    (or equal). Costs a copy of those weights while it lasts; the originals come back on exit."""
+    swapped = []
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if (isinstance(module, nn.Linear) and w is not None and w.device.type == "cpu"
+                and module.out_features > module.in_features and w.is_contiguous()):
+            swapped.append((w, w.data))
+            w.data = w.data.t().contiguous().t()
+    try:
+        yield
+    finally:
+        for w, original in swapped:
+            w.data = original
 
 
 def _prefill(model: AGIFORMER, prompts: list[bytes], device: torch.device):
@@ -99,7 +123,7 @@ def stream(model: AGIFORMER, prompts: Prompts, max_new_bytes: int, *, temperatur
     was_training = model.training
     model.eval()
     try:
-        with model.head.cached_byte_table():
+        with model.head.cached_byte_table(), _gemv_layout(model):
             yield from _stream(model, rows, max_new_bytes, sample_kw, stops, device)
     finally:
         model.train(was_training)

@@ -88,3 +88,18 @@ def test_sampling_is_seeded_and_top1_is_greedy():
     assert a == generate(m, b"sampling", 24, temperature=1.0, seed=3)
     assert a != generate(m, b"sampling", 24, temperature=1.0, seed=4)
     assert generate(m, b"sampling", 24, temperature=0.7, top_k=1, seed=5) == generate(m, b"sampling", 24)
+
+
+def test_generation_lays_widening_weights_out_for_the_gemv_and_restores_them():
+    """Inside generation the qkv and first MLP weights are [in, out] storage seen as [out, in] (same values);
+    afterwards every parameter is the tensor it was."""
+    m = model(dtype=torch.float32)
+    before = {n: (p.data_ptr(), p.stride(), p.detach().clone()) for n, p in m.named_parameters()}
+    seen = {}
+    for _ in stream(m, b"abcdefgh", 8):
+        seen = {n: p.stride() for n, p in m.named_parameters()}
+    qkv = m.layers[0].attn.qkv.weight
+    assert seen["layers.0.attn.qkv.weight"] == (1, qkv.shape[0])  # transposed storage while generating
+    assert seen["layers.0.attn.proj.weight"] == m.layers[0].attn.proj.weight.stride()  # square: untouched
+    for n, p in m.named_parameters():
+        assert (p.data_ptr(), p.stride()) == before[n][:2] and torch.equal(p, before[n][2]), n
