@@ -478,7 +478,7 @@ void step_kernel(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, con
   // A decode step is microseconds of work: fork threads only for batches worth it (~256k MACs each).
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, W * (D + Dv)));
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(W);
+    std::vector<T> p(round_up(W, Vec<T>::W));
     std::vector<T> acc(Dv);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, h = t % H;
@@ -495,8 +495,16 @@ void step_kernel(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, con
         p[j] = dot * scale;
         mx = std::max(mx, p[j]);
       }
-      T sum = 0;
-      for (int64_t j = 0; j < n; ++j) {
+      // exp over whole vectors (the pad past n is never summed)
+      typename Vec<T>::type vsum = {};
+      int64_t j = 0;
+      for (; j + Vec<T>::W <= n; j += Vec<T>::W) {
+        const auto e = vexp(vload(&p[j]) - mx);
+        vstore(&p[j], e);
+        vsum += e;
+      }
+      T sum = agf_simd::hsum<T>(vsum);
+      for (; j < n; ++j) {
         p[j] = std::exp(p[j] - mx);
         sum += p[j];
       }
