@@ -470,53 +470,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& gra
   return {dq, dk, dv};
 }
 
-// Decode step: per (b, h) write the new key/value into ring slot pos % W, then attend the
-// min(pos + 1, W) filled slots. One task per (b, h); each writes only its own cache rows.
+// Decode step: per batch row b, write the new keys/values into ring slot pos % W, then every head attends the
+// min(pos + 1, W) filled slots. Slots outer, heads inner: a slot's H rows are contiguous in [B, W, H, D], so the
+// caches stream in order, where one head at a time would jump H·D elements per slot. One task per row b;
+// each writes only its own cache rows.
 template <typename T>
 void step_kernel(const T* q, const T* k, const T* v, T* k_cache, T* v_cache, const int64_t* pos, T* o, int64_t B,
                  int64_t H, int64_t D, int64_t Dv, int64_t W, T scale) {
   // A decode step is microseconds of work: fork threads only for batches worth it (~256k MACs each).
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, W * (D + Dv)));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(round_up(W, Vec<T>::W));
-    std::vector<T> acc(Dv);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / H, h = t % H;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, H * W * (D + Dv)));
+  const int64_t Wp = round_up(W, Vec<T>::W);
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> p(H * Wp), acc(H * Dv), sum(H);
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t slot = pos[b] % W, n = std::min(pos[b] + 1, W);
-      std::memcpy(k_cache + ((b * W + slot) * H + h) * D, k + t * D, sizeof(T) * D);
-      std::memcpy(v_cache + ((b * W + slot) * H + h) * Dv, v + t * Dv, sizeof(T) * Dv);
-      const T* qv = q + t * D;
-      T mx = neg_inf<T>();
+      std::memcpy(k_cache + (b * W + slot) * H * D, k + b * H * D, sizeof(T) * H * D);
+      std::memcpy(v_cache + (b * W + slot) * H * Dv, v + b * H * Dv, sizeof(T) * H * Dv);
+      const T* qb = q + b * H * D;
       for (int64_t j = 0; j < n; ++j) {
-        const T* kr = k_cache + ((b * W + j) * H + h) * D;
-        T dot = 0;
+        const T* kr = k_cache + (b * W + j) * H * D;
+        for (int64_t h = 0; h < H; ++h) {
+          const T* qv = qb + h * D;
+          const T* kh = kr + h * D;
+          T dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qv[d] * kr[d];
-        p[j] = dot * scale;
-        mx = std::max(mx, p[j]);
+          for (int64_t d = 0; d < D; ++d) dot += qv[d] * kh[d];
+          p[h * Wp + j] = dot * scale;
+        }
       }
-      // exp over whole vectors (the pad past n is never summed)
-      typename Vec<T>::type vsum = {};
-      int64_t j = 0;
-      for (; j + Vec<T>::W <= n; j += Vec<T>::W) {
-        const auto e = vexp(vload(&p[j]) - mx);
-        vstore(&p[j], e);
-        vsum += e;
-      }
-      T sum = agf_simd::hsum<T>(vsum);
-      for (; j < n; ++j) {
-        p[j] = std::exp(p[j] - mx);
-        sum += p[j];
+      for (int64_t h = 0; h < H; ++h) {
+        T* ph = &p[h * Wp];
+        const T mx = *std::max_element(ph, ph + n);
+        // exp over whole vectors (the pad past n is never summed)
+        typename Vec<T>::type vsum = {};
+        int64_t j = 0;
+        for (; j + Vec<T>::W <= n; j += Vec<T>::W) {
+          const auto e = vexp(vload(ph + j) - mx);
+          vstore(ph + j, e);
+          vsum += e;
+        }
+        T s = agf_simd::hsum<T>(vsum);
+        for (; j < n; ++j) {
+          ph[j] = std::exp(ph[j] - mx);
+          s += ph[j];
+        }
+        sum[h] = s;
       }
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t j = 0; j < n; ++j) {
-        const T* vr = v_cache + ((b * W + j) * H + h) * Dv;
-        const T pj = p[j];
-        T* a = acc.data();
+        const T* vr = v_cache + (b * W + j) * H * Dv;
+        for (int64_t h = 0; h < H; ++h) {
+          const T pj = p[h * Wp + j];
+          const T* vh = vr + h * Dv;
+          T* a = &acc[h * Dv];
 #pragma omp simd
-        for (int64_t e = 0; e < Dv; ++e) a[e] += pj * vr[e];
+          for (int64_t e = 0; e < Dv; ++e) a[e] += pj * vh[e];
+        }
       }
-      for (int64_t e = 0; e < Dv; ++e) o[t * Dv + e] = acc[e] / sum;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t e = 0; e < Dv; ++e) o[(b * H + h) * Dv + e] = acc[h * Dv + e] / sum[h];
     }
   });
 }
