@@ -39,7 +39,7 @@ def _gemv_layout(model: nn.Module) -> Iterator[None]:
     stored transposed (``weight`` a ``[out, in]`` view of an ``[in, out]`` tensor) for the context, the same
     values. A step runs each layer on one row, a matrix-vector product bound by streaming the weight from
     memory; torch's CPU product streams long contiguous rows faster: a 512 → 1536 layer read 12-13 GB/s in
-    its own layout and 18-20 in this one on an AVX2 EPYC. The other layers' rows are already the long side
+    its own layout and 18-20 in this one, measured on an AVX2 CPU. The other layers' rows are already the long side
     (or equal). Costs a copy of those weights while it lasts; the originals come back on exit."""
     swapped = []
     for module in model.modules():
