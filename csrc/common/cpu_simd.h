@@ -26,31 +26,22 @@ namespace agf_simd {
 // tile (rows × tile_vecs(rows) accumulator vectors, below), measured per ISA.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64, kVecRegs = 32, kTileRows = 4;  // 4 × 4 tiles
-constexpr const char* kIsa = "avx512";
 #elif defined(__AVX__)
 // 6 × 2 tiles: 15 of 16 ymm; linear attention's fwd + bwd ran 22% faster than with 4 × 3 (16 of 16),
 // whose 8-vector rows split 3 + 3 + 2
 constexpr int kVecBytes = 32, kVecRegs = 16, kTileRows = 6;
-#if defined(__AVX2__) && defined(__FMA__)
-constexpr const char* kIsa = "avx2";
-#else
-constexpr const char* kIsa = "avx";
-#endif
 #elif defined(__aarch64__) || defined(__ARM_NEON)
 constexpr int kVecBytes = 16, kVecRegs = 32, kTileRows = 4;  // 4 × 4 tiles: 21 of 32 q registers
-constexpr const char* kIsa = "neon";
 #elif defined(__SSE2__)
 constexpr int kVecBytes = 16, kVecRegs = 16, kTileRows = 6;  // 6 × 2 tiles, as AVX2
-constexpr const char* kIsa = "sse";
 #else
 // No vector unit the compiler knows of: 16-byte vectors lower to scalar code (2 × 2 tiles: 16 floats).
 constexpr int kVecBytes = 16, kVecRegs = 8, kTileRows = 2;
-constexpr const char* kIsa = "scalar";
 #endif
 
 // The accumulator vectors per row of a tile with `rows` rows: per k-step a tile loads that many vectors of
-// B and broadcasts one value of A, so rows·v + v + 1 registers must fit. At most 4 (a 64-float row of
-// AVX-512, where wider tiles gained nothing).
+// B and broadcasts one value of A, so rows·v + v + 1 registers must fit. At most 4: the AVX-512 tile the
+// kernels were tuned with (one 64-float row).
 constexpr int tile_vecs(int rows) { return std::min(4, (kVecRegs - 1) / (rows + 1)); }
 static_assert(tile_vecs(kTileRows) >= 1, "a register tile must fit the register file");
 
