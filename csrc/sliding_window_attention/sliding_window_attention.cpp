@@ -31,6 +31,7 @@
 
 namespace {
 
+using agf_simd::round_up;
 using agf_simd::vexp;
 using agf_simd::Vec;
 using agf_simd::vload;
@@ -42,8 +43,6 @@ constexpr int KC = 256;                  // keys per chunk
 // registers (AVX-512, NEON); 8 × 1 on 16 (AVX2, SSE), where fwd + bwd ran 15% faster than with 4 × 3.
 constexpr int MR = agf_simd::kVecRegs >= 32 ? 4 : 8;
 static_assert(BQ % MR == 0 && KC % MR == 0, "query blocks and key chunks hold whole tiles");
-
-inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // C[MR rows] (+)= sum_{k0 <= k < k1} A(m, k) B[k][:] over the vectors [v0, v1) of C's rows.
 // A(m, k) = A[m * lda + k], or A[k * lda + m] when TA (a transposed operand read in place).

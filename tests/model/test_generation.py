@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from agiformer import AGIFORMER
-from agiformer.generation import generate, stream
+from agiformer.generation import GEMV_LAYOUT_MIN_PATCHES, generate, stream
 
 CONFIG = dict(d_model=64, n_layers=2, num_heads=4, patch_size=4, window_size=5, dropout=0.0, thinking_steps=2)
 P = 4
@@ -96,10 +96,12 @@ def test_generation_lays_widening_weights_out_for_the_gemv_and_restores_them():
     m = model(dtype=torch.float32)
     before = {n: (p.data_ptr(), p.stride(), p.detach().clone()) for n, p in m.named_parameters()}
     seen = {}
-    for _ in stream(m, b"abcdefgh", 8):
+    for _ in stream(m, b"abcdefgh", GEMV_LAYOUT_MIN_PATCHES * P):
         seen = {n: p.stride() for n, p in m.named_parameters()}
     qkv = m.layers[0].attn.qkv.weight
     assert seen["layers.0.attn.qkv.weight"] == (1, qkv.shape[0])  # transposed storage while generating
     assert seen["layers.0.attn.proj.weight"] == m.layers[0].attn.proj.weight.stride()  # square: untouched
     for n, p in m.named_parameters():
         assert (p.data_ptr(), p.stride()) == before[n][:2] and torch.equal(p, before[n][2]), n
+    for _ in stream(m, b"abcdefgh", 8):  # a short stream: not worth the copy
+        assert all(p.stride() == before[n][1] for n, p in m.named_parameters())
