@@ -1,41 +1,146 @@
-"""Checkpoints: ours (model, optimizer, scheduler, RNG, step, config) and original v1 state_dicts."""
+"""Checkpoints: ours (model, optimizer, scheduler, RNG, step, config) and original v1 state_dicts.
+
+Ours carry a SHA-256 checksum of what they hold (each tensor's bytes, each other value's repr), checked
+on every ``read``: a damaged, truncated, empty, foreign or unreadable file is refused with a
+``CheckpointError`` whose one line names the file and the problem. A file of ours written before
+checksums existed loads with an ``UnverifiedCheckpointWarning`` (there is nothing to check it against;
+saving it again adds one). Original v1 state_dicts never had one and load silently.
+
+A save writes ``<name>.tmp``, flushes it to disk and renames it over ``<name>``: an interrupted save
+leaves the previous checkpoint whole, and ``remove_leftovers`` deletes the ``.tmp`` of a save that was
+killed (nothing ever reads one).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .errors import CheckpointError, UsageError
 from .model import AGIFORMER, DEFAULT_CONFIG
 
 FORMAT = "agiformer-checkpoint-1"
+TEMP_SUFFIX = ".tmp"
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint of ours without a checksum (written before they existed) was loaded unchecked."""
+
+
+def checksum(contents: Any) -> str:
+    """"sha256:<hex>" of ``contents``: tensors by dtype, shape and bytes; dicts (keys in repr order), lists
+    and tuples element by element; anything else by its repr."""
+    h = hashlib.sha256()
+    _digest(h, contents)
+    return "sha256:" + h.hexdigest()
+
+
+def _digest(h: "hashlib._Hash", value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)};".encode())
+        for key in sorted(value, key=repr):
+            h.update(f"{key!r}:".encode())
+            _digest(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _digest(h, item)
+    else:
+        h.update(f"{type(value).__name__} {value!r};".encode())
 
 
 def save(path: os.PathLike, **contents: Any) -> None:
-    """Write atomically (a crash mid-write leaves the previous checkpoint intact)."""
+    """Write ``contents`` with their checksum, atomically (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **contents}, tmp)
-    os.replace(tmp, path)
+    body = {"format": FORMAT, **contents}
+    body["checksum"] = checksum(body)
+    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        with tmp.open("wb") as f:
+            torch.save(body, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C too: no half-written .tmp stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_leftovers(folder: os.PathLike) -> list[Path]:
+    """Delete the ``*.pt.tmp`` files of saves in ``folder`` that were killed mid-write; returns them."""
+    found = sorted(Path(folder).glob("*.pt" + TEMP_SUFFIX))
+    for tmp in found:
+        tmp.unlink(missing_ok=True)
+    return found
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    text = text or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def read(path: os.PathLike, map_location: Any = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The checkpoint dict in ``path``, its checksum verified; ``CheckpointError`` when it cannot be used."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not magic:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip, pickle and unpickler errors, whose messages run to many lines
+        if not magic.startswith((b"PK", b"\x80")):  # a zip archive (torch.save) or a pickle (older torch)
+            problem = "not a PyTorch checkpoint"
+        elif isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            problem = "holds Python objects other than tensors and plain values (a pickled model?), not a state_dict"
+        else:
+            problem = "truncated or damaged (PyTorch cannot read it)"
+        raise CheckpointError(f"{path}: {problem}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint (a dict)")
+    expected = ckpt.get("checksum")
+    if expected is not None:
+        if checksum({k: v for k, v in ckpt.items() if k != "checksum"}) != expected:
+            raise CheckpointError(f"{path}: checksum mismatch: the contents changed after it was written "
+                                  f"(a damaged file)")
+    elif ckpt.get("format") == FORMAT:
+        warnings.warn(f"{path}: written without a checksum (before checksums existed), loaded unverified",
+                      UnverifiedCheckpointWarning, stacklevel=2)
+    return ckpt
 
 
-def _unwrap(ckpt: dict) -> tuple[dict, Optional[dict]]:
+def _unwrap(ckpt: dict, path: os.PathLike) -> tuple[dict, Optional[dict]]:
     """(model state_dict, config or None) of either format."""
     if ckpt.get("format") == FORMAT:
+        if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+            raise CheckpointError(f"{path}: an AGIFORMER checkpoint without its model or config")
         return ckpt["model"], ckpt["config"]
     for key in ("model_state_dict", "state_dict", "model"):
         if isinstance(ckpt.get(key), dict):
             return ckpt[key], ckpt.get("config")
     if "encoder.byte_embedding.weight" in ckpt:
         return ckpt, None
-    raise ValueError("not an AGIFORMER checkpoint: no model state_dict found")
+    raise CheckpointError(f"{path}: not an AGIFORMER checkpoint (no model state_dict in it)")
 
 
 def infer_config(state: dict, overrides: Optional[dict] = None) -> dict:
@@ -51,13 +156,34 @@ def infer_config(state: dict, overrides: Optional[dict] = None) -> dict:
 
 def load_model(path: os.PathLike, *, device: Any = "cpu", backend: Optional[str] = None,
                overrides: Optional[dict] = None) -> tuple[AGIFORMER, dict]:
-    """(model in eval mode, checkpoint dict) from our checkpoint or an original v1 ``best_model.pth``."""
+    """(model in eval mode, checkpoint dict) from our checkpoint or an original v1 ``best_model.pth``.
+
+    ``overrides`` (num_heads, window_size, thinking_steps; None: not given) apply to a v1 state_dict only,
+    whose weights do not show them; for our checkpoints, which record them, a value that differs from
+    the recorded one is a ``UsageError`` naming the flag."""
     ckpt = read(path)
-    state, config = _unwrap(ckpt)
+    state, config = _unwrap(ckpt, path)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if config is None:
-        config = infer_config(state, overrides)
+        try:
+            config = infer_config(state, given)
+        except (KeyError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not an AGIFORMER state_dict (no {_one_line(e)})") from e
     else:
-        config = {**config, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    model = AGIFORMER(**config, backend=backend)
-    model.load_state_dict(state, strict=True)
+        differ = {k: v for k, v in given.items() if config.get(k) != v}
+        if differ:
+            flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in differ.items())
+            recorded = ", ".join(f"{k} = {config.get(k)}" for k in differ)
+            raise UsageError(f"{flags}: only for an original v1 state_dict, whose weights do not show it; "
+                             f"{path} records {recorded}")
+    try:
+        model = AGIFORMER(**config, backend=backend)
+    except (TypeError, ValueError) as e:
+        if given and ckpt.get("format") != FORMAT:
+            raise UsageError(f"{path} with {given}: {_one_line(e)}") from e
+        raise CheckpointError(f"{path}: its config does not build a model ({_one_line(e)})") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the model it describes ({_one_line(e)})") from e
     return model.to(device).eval(), ckpt

@@ -23,6 +23,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SIZE = 100_000_000
 ENWIK8_SPLIT = (90_000_000, 95_000_000)
@@ -98,14 +100,14 @@ def path_corpus(path: Path) -> Corpus:
     if path.is_dir():
         files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise ValueError(f"--data {path}: the folder holds no files")
+            raise UsageError(f"--data {path}: the folder holds no files")
         data = b"\n".join(p.read_bytes() for p in files)
     elif path.is_file():
         data = path.read_bytes()
     else:
         raise FileNotFoundError(f"--data {path}: no such file or folder")
     if len(data) < 1000:
-        raise ValueError(f"--data {path}: {len(data)} bytes is too little to split into train/val/test")
+        raise UsageError(f"--data {path}: {len(data)} bytes is too little to split into train/val/test")
     return _by_fraction(path.name, data)
 
 
@@ -116,7 +118,7 @@ def load_corpus(source: str = "stdlib", data_dir: Optional[str] = None, download
     if source == "enwik8":
         data = _enwik8_bytes(data_dir, download)
         if len(data) != ENWIK8_SIZE:
-            raise ValueError(f"enwik8 must hold {ENWIK8_SIZE} bytes, this one holds {len(data)}")
+            raise UsageError(f"enwik8 must hold {ENWIK8_SIZE} bytes, this one holds {len(data)}")
         return _split("enwik8", data, ENWIK8_SPLIT)
     return path_corpus(Path(source))
 
@@ -132,7 +134,7 @@ class RandomWindows:
     def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1):
         if len(data) <= seq_len:
-            raise ValueError(f"the training split ({len(data)} bytes) must be longer than seq_len = {seq_len}")
+            raise UsageError(f"the training split ({len(data)} bytes) must be longer than seq_len = {seq_len}")
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)

@@ -17,15 +17,9 @@ import sys
 import time
 from typing import Optional
 
-import torch
-
-from . import checkpoint
-from .evaluate import add_model_overrides, default_device, model_overrides
+from . import _cli, checkpoint
+from .evaluate import add_model_overrides, check_common, default_device, model_overrides
 from .generation import stream
-
-
-def _unescape(text: str) -> bytes:
-    return text.encode("utf-8").decode("unicode_escape").encode("latin-1")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -33,12 +27,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="our checkpoint (.pt) or an original v1 best_model.pth")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="The ", help="the prompt text (UTF-8; default %(default)r)")
+    src.add_argument("--prompt", default="The ", help="the prompt: the argument's bytes as given (default %(default)r)")
     src.add_argument("--prompt-file", help="one prompt: the whole file's bytes")
     src.add_argument("--prompts-file", help="a batch: one prompt per line")
     parser.add_argument("-n", "--max-new-bytes", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-k", type=int, help="sample among the k likeliest bytes")
+    parser.add_argument("--top-k", type=int, help="sample among the k likeliest bytes (1 to 256)")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
     parser.add_argument("--stop", help="stop a row after any of these bytes (backslash escapes allowed, e.g. '\\n')")
     parser.add_argument("--device", default=default_device())
@@ -46,34 +40,46 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no speed report on stderr")
     add_model_overrides(parser)
     args = parser.parse_args(argv)
+    _cli.at_least(parser, args, 1, "max_new_bytes", "top_k")
+    _cli.at_least(parser, args, 0, "temperature")
+    if args.top_k is not None and args.top_k > 256:
+        parser.error(f"--top-k {args.top_k}: there are 256 bytes")
+    check_common(parser, args)
+    stop = _cli.unescape(parser, "--stop", args.stop) if args.stop else None
 
     if args.prompts_file:
-        with open(args.prompts_file, "rb") as f:
-            prompts = [line.rstrip(b"\r\n") for line in f if line.strip()]
+        text = _cli.read_bytes(parser, "--prompts-file", args.prompts_file)
+        prompts = [line.rstrip(b"\r") for line in text.split(b"\n") if line.strip()]
+        if not prompts:
+            parser.error(f"--prompts-file {args.prompts_file}: no prompt in it (every line is blank)")
     elif args.prompt_file:
-        with open(args.prompt_file, "rb") as f:
-            prompts = [f.read()]
+        prompts = [_cli.read_bytes(parser, "--prompt-file", args.prompt_file)]
     else:
-        prompts = [args.prompt.encode("utf-8")]
-    model, _ = checkpoint.load_model(args.checkpoint, device=args.device, backend=args.backend,
-                                     overrides=model_overrides(args))
+        prompts = [_cli.arg_bytes(args.prompt)]
+    with _cli.user_errors(parser):
+        model, _ = checkpoint.load_model(args.checkpoint, device=args.device, backend=args.backend,
+                                         overrides=model_overrides(args))
     short = [i for i, p in enumerate(prompts) if len(p) < model.patch_size]
     if short:
         parser.error(f"prompt(s) {short} hold fewer than patch_size = {model.patch_size} bytes: the model predicts "
                      f"bytes only from a complete patch before them")
-    kw = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-              stop_bytes=_unescape(args.stop) if args.stop else None)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed, stop_bytes=stop)
     out = sys.stdout.buffer
     start = time.perf_counter()
     pieces = [[] for _ in prompts]
     if len(prompts) == 1:
         out.write(prompts[0])
-    for chunk in stream(model, prompts, args.max_new_bytes, **kw):
-        if len(prompts) == 1:
-            out.write(chunk[0])
-            out.flush()
-        for piece, new in zip(pieces, chunk):
-            piece.append(new)
+    try:
+        for chunk in stream(model, prompts, args.max_new_bytes, **kw):
+            if len(prompts) == 1:
+                out.write(chunk[0])
+                out.flush()
+            for piece, new in zip(pieces, chunk):
+                piece.append(new)
+    except KeyboardInterrupt:
+        out.write(b"\n")
+        out.flush()
+        _cli.interrupted(parser)
     elapsed = time.perf_counter() - start
     if len(prompts) > 1:
         for i, (prompt, piece) in enumerate(zip(prompts, pieces)):

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint
-from .evaluate import add_model_overrides, default_device, model_overrides
+from . import _cli, checkpoint
+from .evaluate import add_model_overrides, check_common, default_device, model_overrides
 from .model import AGIFORMER
 
 
@@ -112,20 +112,22 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="our checkpoint (.pt) or an original v1 best_model.pth")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. ", help="prompt text")
+    src.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. ",
+                     help="the prompt: the argument's bytes as given")
     src.add_argument("--prompt-file", help="the prompt: the whole file's bytes")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--backend", help="op backend (default: fastest available)")
     add_model_overrides(parser)
     args = parser.parse_args(argv)
+    check_common(parser, args)
     if args.prompt_file:
-        with open(args.prompt_file, "rb") as f:
-            prompt = f.read()
+        prompt = _cli.read_bytes(parser, "--prompt-file", args.prompt_file)
     else:
-        prompt = args.prompt.encode("utf-8")
-    model, _ = checkpoint.load_model(args.checkpoint, device=args.device, backend=args.backend,
-                                     overrides=model_overrides(args))
+        prompt = _cli.arg_bytes(args.prompt)
+    with _cli.user_errors(parser):
+        model, _ = checkpoint.load_model(args.checkpoint, device=args.device, backend=args.backend,
+                                         overrides=model_overrides(args))
     try:
         report = diagnostics(model, prompt)
     except ValueError as e:

@@ -1,4 +1,4 @@
-"""AGIFORMER v1 (SPEC §2) on the fused layers of ``agiformer_kernels.nn``."""
+"""AGIFORMER v1 (docs/ops.md §2) on the fused layers of ``agiformer_kernels.nn``."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python -m agiformer.plot runs/tiny -o curve.png
 
-Needs matplotlib (pip install matplotlib).
+Needs matplotlib: pip install "agiformer-kernels[plot]" (or pip install matplotlib).
 """
 
 from __future__ import annotations
@@ -12,6 +12,19 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from . import _cli
+
+
+def read_rows(run: Path) -> list[dict]:
+    """The rows of ``run``/metrics.jsonl; a line cut short by a killed run is skipped."""
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
 
 def plot(run: Path, out: Path, title: Optional[str] = None) -> None:
     import matplotlib
@@ -19,7 +32,7 @@ def plot(run: Path, out: Path, title: Optional[str] = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(run)
     val = [r for r in rows if r.get("val_bpb") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["bpb"] for r in rows], label="train (batch)", alpha=0.6)
@@ -46,6 +59,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("-o", "--out", type=Path, help="PNG path (default: <run>/curve.png)")
     parser.add_argument("--title")
     args = parser.parse_args(argv)
+    if not (args.run / "metrics.jsonl").is_file():
+        parser.error(f"{args.run}: no metrics.jsonl in it (the --out folder of a training run)")
+    if not read_rows(args.run):
+        parser.error(f"{args.run}/metrics.jsonl: no rows yet")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.exit(1, f"{parser.prog}: needs matplotlib: {_cli.PLOT_EXTRA}\n")
     out = args.out or args.run / "curve.png"
     plot(args.run, out, args.title)
     print(out)

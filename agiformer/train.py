@@ -7,7 +7,19 @@
 
 Every flag overrides the preset. Writes to --out (default runs/<preset>): last.pt (model, optimizer,
 scheduler, RNG, data stream, step, config), best.pt (best validation), metrics.jsonl / metrics.csv
-(and TensorBoard events when tensorboard is installed, MLflow with --mlflow). Ctrl-C saves last.pt.
+(and TensorBoard events when tensorboard is installed, MLflow with --mlflow). elapsed_s counts training
+steps only: start-up (a first use's kernel builds), validation and saving are left out.
+
+Ctrl-C: during a step (or a log write, or a save) the step is finished, last.pt saved and the run stops
+(exit status 130); during validation it stops at once and last.pt says so, and the resumed run validates
+that step again; during start-up it stops at once with nothing to save. A second Ctrl-C stops at once,
+saving what is consistent. Whichever it was, --resume auto continues bit for bit as if never stopped:
+same batches, dropout, optimizer, schedule, metrics rows and final validation.
+
+--resume takes the checkpoint's configuration; flags given with it apply from there on (optimisation,
+batch, evaluation, logging: last.pt lists each change with its step under "changes") or, for what would
+make it another run (model sizes, --data, --seed, --preset), are refused.
+
 Under torchrun each rank draws its own windows (its slice of one seeded global batch, so N ranks
 match one process with the combined batch) and seeds its dropout with seed + rank; rank 0 logs and
 checkpoints.
@@ -23,22 +35,34 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import checkpoint
+from . import _cli, checkpoint
 from .data import RandomWindows, load_corpus
-from .evaluate import bits_per_byte
+from .errors import CheckpointError, UsageError
+from .evaluate import bits_per_byte, default_device
 from .model import AGIFORMER, DEFAULT_CONFIG, num_parameters
 
 MODEL_KEYS = tuple(DEFAULT_CONFIG)
+# What a resumed run refuses to change: the weights' shapes and meaning, and the data stream.
+FIXED_ON_RESUME = ("d_model", "n_layers", "num_heads", "patch_size", "window_size", "vocab_size", "thinking_steps",
+                   "data", "seed", "preset")
+# One invocation's settings: taken from the command line on every run, never compared with a checkpoint's.
+RUN_KEYS = ("out", "resume", "device", "backend", "amp", "mlflow", "max_minutes", "data_dir")
+# The flags presets do not set.
+FLAG_DEFAULTS = dict(seed=0, out=None, resume=None, max_minutes=0, device=None, backend=None, amp=None, mlflow=False,
+                     data_dir=None)
+SCHEDULE_KEYS = ("lr", "warmup", "steps", "min_lr_ratio")
 PRESETS = {
     # A few CPU minutes on the embedded corpus (Python sources): about 2.5 bits/byte on the whole
     # validation split after its 600 steps (about 3.5 minutes on 2 busy cores).
@@ -81,7 +105,11 @@ class MetricsLog:
         self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
         rows = []
         if resume_step and self.jsonl.exists():
-            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a killed run
+                    continue
             rows = [r for r in rows if r["step"] <= resume_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
         with self.csv.open("w", newline="") as f:
@@ -158,37 +186,163 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
     return bool(t)
 
 
+def config_problem(cfg: dict, combined: bool = True) -> Optional[str]:
+    """What makes ``cfg`` unusable, as a message naming the flag; None when it can run. ``combined=False``
+    checks each value alone, not how they fit together (sizes a checkpoint will supply)."""
+    def flag(key: str) -> str:
+        return f"--{key.replace('_', '-')} {cfg[key]}"
+
+    for key in ("d_model", "n_layers", "num_heads", "patch_size", "window_size", "batch_size", "seq_len", "steps",
+                "eval_every", "eval_batch_size", "checkpoint_every", "log_every"):
+        if cfg[key] < 1:
+            return f"{flag(key)}: must be at least 1"
+    for key in ("thinking_steps", "warmup", "weight_decay", "grad_clip", "max_minutes"):
+        if cfg[key] < 0:
+            return f"{flag(key)}: must be at least 0"
+    if not cfg["lr"] > 0:
+        return f"{flag('lr')}: must be positive"
+    if not 0 <= cfg["min_lr_ratio"] <= 1:
+        return f"{flag('min_lr_ratio')}: must lie in [0, 1]"
+    if not 0 <= cfg["dropout"] < 1:
+        return f"{flag('dropout')}: must lie in [0, 1)"
+    if not combined:
+        return None
+    if cfg["d_model"] % 2 or cfg["d_model"] % cfg["num_heads"]:
+        return f"{flag('d_model')}: must be even (rotary positions) and a multiple of --num-heads {cfg['num_heads']}"
+    P, L = cfg["patch_size"], cfg["seq_len"]
+    if L % P or L < 2 * P:
+        return (f"{flag('seq_len')}: must be a multiple of --patch-size {P} and at least two patches ({2 * P}): a "
+                f"window's first patch is context only")
+    if cfg["eval_bytes"] is not None and cfg["eval_bytes"] < 2 * P:
+        return f"{flag('eval_bytes')}: validation needs at least one window of two patches ({2 * P} bytes); 0: all"
+    return None
+
+
+def _resumed_config(cfg: dict, saved: dict, step: int, path: str) -> tuple[dict, dict]:
+    """(the configuration a run resumed from a checkpoint at ``step`` goes on with, {key: [old, new]} of what
+    changed). It is the checkpoint's, with this invocation's RUN_KEYS and the flags it names (``cfg["given"]``;
+    without that list, every key of ``cfg``): a flag in FIXED_ON_RESUME that differs is a UsageError."""
+    given = cfg.get("given")
+    if given is None:
+        given = list(cfg)
+    merged = {**saved, **{k: cfg[k] for k in RUN_KEYS if k in cfg}}
+    changes = {}
+    for key in given:
+        if key in RUN_KEYS or key == "given" or key not in cfg or cfg[key] == saved.get(key):
+            continue
+        name = f"--{key.replace('_', '-')} {cfg[key]}"
+        if key in FIXED_ON_RESUME and key in saved:
+            raise UsageError(f"{name}: {path} was trained with {key} = {saved[key]}, and a resumed run keeps it "
+                             f"(a new run needs another --out, or no --resume)")
+        changes[key] = [saved.get(key), cfg[key]]
+        merged[key] = cfg[key]
+    if merged["steps"] < step:
+        raise UsageError(f"--steps {merged['steps']}: {path} is at step {step} already")
+    return merged, changes
+
+
+class _Interrupts:
+    """SIGINT while training. ``at_once`` (start-up, validation on one process): raise KeyboardInterrupt
+    there, as Python does, since nothing is lost. Otherwise only set ``requested``: the loop finishes
+    the step in hand and stops at the next boundary, where the state is whole. A second SIGINT raises."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.at_once = True
+        self._installed = False
+        self._previous = None
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():  # handlers live on the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:  # None: the previous handler was not Python's, and the default is the nearest
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.at_once or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def immediate(self, on: bool = True) -> Iterator[None]:
+        before, self.at_once = self.at_once, on or self.at_once
+        try:
+            yield
+        finally:
+            self.at_once = before
+
+
+def _warm_up(model: AGIFORMER, seq_len: int, device: torch.device, autocast) -> None:
+    """One forward and backward of one window before the first step, its RNG draws undone: a first use's
+    kernel builds and compiles happen here, in start-up (where Ctrl-C stops at once and elapsed_s does
+    not count), instead of inside step 1."""
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        seq = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+        with autocast:
+            loss = model.sequence_loss(seq)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def train(cfg: dict, *, quiet: bool = False) -> dict:
-    """Run training as ``cfg`` says (a preset merged with flags); returns the last metrics row."""
-    device = torch.device(cfg["device"])
+    """Run training as ``cfg`` says (see ``parse_args``); returns the last metrics row. On Ctrl-C, saves what
+    the module docstring says and re-raises KeyboardInterrupt."""
+    with _Interrupts() as interrupts:
+        return _train(cfg, quiet, interrupts)
+
+
+def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
+    device = torch.device(cfg["device"] or default_device())
     rank, world, local_rank = _distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
-    amp = cfg["amp"] if cfg["amp"] is not None else device.type == "cuda"
     out = Path(cfg["out"])
     lead = rank == 0
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
+    resume = cfg["resume"]
+    if resume == "auto":
+        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
+    ckpt, changes, step = None, {}, 0
+    if resume:
+        ckpt = checkpoint.read(resume)  # on the CPU: RNG states must stay there; the loads below move the rest
+        missing = {"model", "optimizer", "scheduler", "sampler", "rng", "step", "train_config"} - set(ckpt)
+        if missing:
+            raise CheckpointError(f"{resume}: not a training checkpoint (no {', '.join(sorted(missing))}); "
+                                  f"evaluate and generate read model-only files")
+        step = ckpt["step"]
+        cfg, changes = _resumed_config(cfg, ckpt["train_config"], step, resume)
+    problem = config_problem(cfg)
+    if problem:  # parse_args checked each flag; here is how they fit the checkpoint's, or a dict from code
+        raise UsageError(problem)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_leftovers(out)  # the .tmp of a save that was killed
+    train_config = {k: v for k, v in cfg.items() if k != "given"}
+    amp = cfg["amp"] if cfg["amp"] is not None else device.type == "cuda"
+
     model_config = {k: cfg[k] for k in MODEL_KEYS}
+    corpus = load_corpus(cfg["data"], cfg["data_dir"])
+    P = cfg["patch_size"]
+    if len(corpus.val) < 2 * P:
+        raise UsageError(f"--data {cfg['data']}: its validation split holds {len(corpus.val)} bytes, fewer than "
+                         f"one window of two patches ({2 * P} bytes)")
     torch.manual_seed(cfg["seed"])
     model = AGIFORMER(**model_config, backend=cfg["backend"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg["warmup"], cfg["steps"], cfg["min_lr_ratio"])
     )
-    corpus = load_corpus(cfg["data"], cfg["data_dir"])
     sampler = RandomWindows(corpus.train, cfg["seq_len"], cfg["batch_size"], cfg["seed"], rank, world)
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs per rank
 
-    step, elapsed, best = 0, 0.0, float("inf")
-    resume = cfg["resume"]
-    if resume == "auto":
-        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
-    if resume:
-        ckpt = checkpoint.read(resume)  # on the CPU: RNG states must stay there; the loads below move the rest
+    elapsed, best, pending, history = 0.0, float("inf"), None, []
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -198,19 +352,36 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
             _set_rng_state(rngs[rank], device)
         else:
             say(f"checkpoint holds RNG for {len(rngs)} ranks, this run has {world}: dropout reseeded")
-            torch.manual_seed(cfg["seed"] + rank + ckpt["step"])
-        step, elapsed, best = ckpt["step"], ckpt["elapsed_s"], ckpt.get("best_val_bpb", float("inf"))
-        say(f"resumed {resume} at step {step}")
+            torch.manual_seed(cfg["seed"] + rank + step)
+        elapsed, best = ckpt["elapsed_s"], ckpt.get("best_val_bpb", float("inf"))
+        pending, history = ckpt.get("pending"), list(ckpt.get("changes", []))
+        if changes:
+            for group in optimizer.param_groups:  # load_state_dict brought back the old values
+                group["weight_decay"] = cfg["weight_decay"]
+                group["initial_lr"] = cfg["lr"]
+            scheduler.base_lrs = [cfg["lr"]] * len(optimizer.param_groups)
+            if any(k in changes for k in SCHEDULE_KEYS):  # the next step's rate, as the new schedule has it
+                factor = lr_factor(scheduler.last_epoch, cfg["warmup"], cfg["steps"], cfg["min_lr_ratio"])
+                for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                    group["lr"] = base * factor
+                scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            history.append({"step": step, **{k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
+        say(f"resumed {resume} at step {step}" + "".join(f"; {k} {a} -> {b}" for k, (a, b) in changes.items()))
 
+    autocast = torch.autocast(device.type, torch.bfloat16) if amp else contextlib.nullcontext()
+    model.train()
+    _warm_up(model, cfg["seq_len"], device, autocast)  # before DDP, whose hooks would all-reduce its gradients
     wrapped: nn.Module = SequenceLoss(model)
     if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    log = MetricsLog(out, step, cfg["mlflow"], cfg) if lead else None
+        wrapped = nn.parallel.DistributedDataParallel(wrapped,
+                                                      device_ids=[device.index] if device.type == "cuda" else None)
     say(f"AGIFORMER {num_parameters(model):,} parameters on {device} x{world}; data {corpus.name} "
         f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); {cfg['steps']} steps of "
         f"{cfg['batch_size'] * world} x {cfg['seq_len']} bytes")
+    saved_step = step if ckpt is not None and not pending else None  # the step last.pt holds, finished
 
-    def save(path: Path, gather: bool = True) -> None:
+    def save(path: Path, gather: bool = True, unfinished: Optional[dict] = None,
+             best_val: Optional[float] = None) -> None:
         rngs = [_rng_state(device)]
         if world > 1 and gather:
             rngs = [None] * world
@@ -219,7 +390,8 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
         if lead:
             checkpoint.save(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), sampler=sampler.state_dict(), rng=rngs, step=step,
-                            elapsed_s=elapsed, best_val_bpb=best, config=model_config, train_config=cfg)
+                            elapsed_s=elapsed, best_val_bpb=best if best_val is None else best_val,
+                            pending=unfinished, changes=history, config=model_config, train_config=train_config)
 
     def validate(max_bytes: Optional[int]) -> float:
         bpb, _ = bits_per_byte(model, corpus.val, seq_len=cfg["seq_len"], batch_size=cfg["eval_batch_size"],
@@ -227,14 +399,59 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
                                progress=lead and not quiet and sys.stderr.isatty())
         return bpb
 
-    autocast = torch.autocast(device.type, torch.bfloat16) if amp else contextlib.nullcontext()
+    def finish(row: dict) -> bool:
+        """Validation, metrics row, best.pt and last.pt of the step just taken; True when the time limit
+        stops the run."""
+        nonlocal best, saved_step
+        final = step == cfg["steps"]
+        if step % cfg["eval_every"] == 0 or final:
+            if interrupts.requested:  # stop now, not after a validation the resumed run repeats anyway
+                raise KeyboardInterrupt
+            with interrupts.immediate(world == 1):  # ranks must leave validation's all_reduce together
+                row["val_bpb"] = validate(None if final else cfg["eval_bytes"])
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}", B_s=f"{row['bytes_per_s']:,.0f}",
+                            **({"val": f"{row['val_bpb']:.3f}"} if "val_bpb" in row else {}))
+        if lead and (step % cfg["log_every"] == 0 or "val_bpb" in row):
+            log.write(row)
+            if bar is None or bar.disable:
+                say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if "val_bpb" in row and row["val_bpb"] < best:
+            best = row["val_bpb"]
+            save(out / "best.pt")
+        if step % cfg["checkpoint_every"] == 0 or final:
+            save(out / "last.pt")
+            saved_step = step
+        if cfg["max_minutes"] and not final and _any_rank(elapsed > 60 * cfg["max_minutes"], device, world):
+            say(f"time limit of {cfg['max_minutes']} min reached at step {step}")
+            save(out / "last.pt")
+            saved_step = step
+            return True
+        return False
+
     bytes_per_step = cfg["batch_size"] * world * cfg["seq_len"]
-    bar = tqdm(total=cfg["steps"], initial=step, disable=quiet or not lead or not sys.stderr.isatty(),
-               dynamic_ncols=True)
-    row: dict = {}
-    model.train()
+    bar = log = None
+    row: dict = dict(pending) if pending else {}
+    # Where a KeyboardInterrupt leaves the state: start (nothing changed), boundary (whole, every rank),
+    # between / train (whole once train's draws are undone), update (torn), finish (whole but for row).
+    phase, best_before, stream_before = "start", best, None
     try:
-        while step < cfg["steps"]:
+        log = MetricsLog(out, step - 1 if pending else step, cfg["mlflow"], train_config) if lead else None
+        bar = tqdm(total=cfg["steps"], initial=step, disable=quiet or not lead or not sys.stderr.isatty(),
+                   dynamic_ncols=True)
+        interrupts.at_once = False
+        halted = False
+        if pending:  # last.pt was saved while this step was being finished
+            phase = "finish"
+            halted = finish(row)
+        elif step == cfg["steps"]:
+            say(f"{resume} is at step {step} of {cfg['steps']} already: nothing to do (--steps trains on)")
+        while not halted and step < cfg["steps"]:
+            phase = "between"
+            if _any_rank(interrupts.requested, device, world):
+                phase = "boundary"
+                raise KeyboardInterrupt
+            phase, stream_before = "train", (sampler.state_dict(), _rng_state(device))
             start = time.perf_counter()
             seq = sampler.next().to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)  # before forward: last step's gradients free meanwhile
@@ -243,41 +460,49 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
             loss.backward()
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            phase = "update"
             optimizer.step()
             scheduler.step()
+            step += 1
             loss = loss.detach()
             if world > 1:
                 dist.all_reduce(loss)
                 loss /= world
-            step += 1
             elapsed += time.perf_counter() - start
             row = dict(step=step, elapsed_s=round(elapsed, 3), lr=optimizer.param_groups[0]["lr"],
                        loss=float(loss), bpb=float(loss) / math.log(2),
                        bytes_per_s=bytes_per_step / (time.perf_counter() - start))
-            final = step == cfg["steps"]
-            if step % cfg["eval_every"] == 0 or final:
-                row["val_bpb"] = validate(None if final else cfg["eval_bytes"])
+            phase, best_before = "finish", best
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}", B_s=f"{row['bytes_per_s']:,.0f}",
-                            **({"val": f"{row['val_bpb']:.3f}"} if "val_bpb" in row else {}))
-            if lead and (step % cfg["log_every"] == 0 or "val_bpb" in row):
-                log.write(row)
-                if bar.disable:
-                    say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            if "val_bpb" in row and row["val_bpb"] < best:
-                best = row["val_bpb"]
-                save(out / "best.pt")
-            if step % cfg["checkpoint_every"] == 0 or final:
-                save(out / "last.pt")
-            if cfg["max_minutes"] and not final and _any_rank(elapsed > 60 * cfg["max_minutes"], device, world):
-                say(f"time limit of {cfg['max_minutes']} min reached at step {step}")
-                save(out / "last.pt")
-                break
+            halted = finish(row)
     except KeyboardInterrupt:
-        save(out / "last.pt", gather=False)
-        say(f"\ninterrupted: saved {out / 'last.pt'} at step {step} (continue with --resume auto)")
+        last = out / "last.pt"
+        if phase == "train":  # nothing updated yet: back to where the step began
+            sampler.load_state_dict(stream_before[0])
+            _set_rng_state(stream_before[1], device)
+            phase = "between"
+        try:
+            if phase == "start":
+                say("\ninterrupted during start-up: nothing to save" + (f" ({resume} as it was)" if resume else ""))
+            elif phase == "update":
+                say(f"\ninterrupted in the middle of step {step + 1}'s update: {last} left as it was")
+            elif world > 1 and phase != "boundary":  # this rank alone: the others are elsewhere
+                say(f"\ninterrupted on rank {rank} alone: {last} left as it was")
+            elif phase == "finish":
+                save(last, unfinished={k: v for k, v in row.items() if k != "val_bpb"}, best_val=best_before)
+                say(f"\ninterrupted while finishing step {step}: saved {last}; --resume auto finishes that step "
+                    f"(validation, metrics row) and continues")
+            elif saved_step == step or (step == 0 and ckpt is None):
+                say(f"\ninterrupted at step {step}: " + (f"{last} holds it" if step else "nothing to save yet"))
+            else:
+                save(last)
+                say(f"\ninterrupted: saved {last} at step {step} (continue with --resume auto)")
+        except KeyboardInterrupt:  # again, while saving: the save is atomic, the old file stays
+            say(f"\ninterrupted again while saving: {last} left as it was")
+        raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if log is not None:
             log.close()
     if "val_bpb" in row:
@@ -285,10 +510,12 @@ def train(cfg: dict, *, quiet: bool = False) -> dict:
     return row
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[dict, bool]:
+def build_parser() -> argparse.ArgumentParser:
+    # Every default SUPPRESS: the namespace holds exactly the flags given, which a resumed run applies or refuses.
     parser = argparse.ArgumentParser(prog="python -m agiformer.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="defaults for every flag below")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for every flag below (default tiny)")
     g = parser.add_argument_group("model")
     for key in ("d_model", "n_layers", "num_heads", "patch_size", "window_size", "thinking_steps"):
         g.add_argument("--" + key.replace("_", "-"), type=int)
@@ -297,7 +524,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[dict, bool]:
     g.add_argument("--data", help="stdlib (embedded, offline), enwik8, or a text file / folder")
     g.add_argument("--data-dir", help="where enwik8 / enwik8.zip lie (else $AGIFORMER_DATA or .)")
     g.add_argument("--batch-size", type=int, help="windows per step per process")
-    g.add_argument("--seq-len", type=int, help="window length in bytes")
+    g.add_argument("--seq-len", type=int,
+                   help="window length in bytes (a multiple of --patch-size, at least two patches)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int)
     g.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
@@ -305,7 +533,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[dict, bool]:
     g.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (1: constant)")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help="default 0")
     g = parser.add_argument_group("run")
     g.add_argument("--out", help="output folder (default runs/<preset>)")
     g.add_argument("--resume", help="checkpoint to continue, or 'auto' for <out>/last.pt if present")
@@ -314,28 +542,44 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[dict, bool]:
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--log-every", type=int)
-    g.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this much training time")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--max-minutes", type=float, help="stop (and save) after this much training time")
+    g.add_argument("--device", help="default cuda where available, else cpu")
     g.add_argument("--backend", help="op backend (default: fastest available)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on for CUDA, off on CPU)")
     g.add_argument("--mlflow", action="store_true", help="also log to MLflow (must be installed)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
-    args = parser.parse_args(argv)
-    cfg = dict(PRESETS[args.preset])
-    for key, value in vars(args).items():
-        if value is not None or key not in cfg:
-            cfg[key] = value
-    cfg["out"] = cfg["out"] or f"runs/{args.preset}"
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[dict, bool]:
+    """(config: the preset, then the flags given, whose names ``cfg["given"]`` lists; quiet). A value that
+    cannot work is argparse's usage error, before anything loads."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    quiet = given.pop("quiet", False)
+    preset = given.get("preset", "tiny")
+    cfg = {**PRESETS[preset], **FLAG_DEFAULTS, "preset": preset, **given}
+    cfg["device"] = cfg["device"] or default_device()
+    cfg["out"] = cfg["out"] or f"runs/{preset}"
     cfg["eval_bytes"] = cfg["eval_bytes"] or None
-    quiet = cfg.pop("quiet")
+    cfg["given"] = sorted(given)
+    problem = config_problem(cfg, combined=not cfg["resume"])  # resumed: the checkpoint's sizes count
+    if problem:
+        parser.error(problem)
+    _cli.check_device(parser, cfg["device"])
+    _cli.check_backend(parser, cfg["backend"])
     return cfg, quiet
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     cfg, quiet = parse_args(argv)
+    parser = build_parser()
     try:
-        train(cfg, quiet=quiet)
+        with _cli.user_errors(parser):
+            train(cfg, quiet=quiet)
+    except KeyboardInterrupt:
+        _cli.interrupted(parser)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

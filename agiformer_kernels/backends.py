@@ -29,12 +29,11 @@ import torch
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "AGIFORMER_KERNELS_BACKEND"
 # Triton on CPU tensors runs only through its interpreter: a test tool, never an auto choice. On CUDA
-# tensors the order is per op, from an H100's timings (benchmarks/results/cuda-*.json): Triton ran the
+# tensors the order is per op, from the H100 timings in benchmarks/results/cuda-*.json: Triton runs the
 # whole-sequence ops and the GRU decoder's training 1.1 to 16 times faster than the CUDA kernels; the
-# CUDA kernels ran the one-token decode steps 2.4 to 4 times faster (a Triton launch costs more host
+# CUDA kernels run the one-token decode steps 2.4 to 4 times faster (a Triton launch costs more host
 # time). Sampling goes to CUDA first too: generation samples 1 to 16 patches a call, where host time
-# decides as in the decode steps, and the Triton sampler has not been timed there (on the H100 it failed
-# to compile inside generation, fixed since: autocast reached into the op, see without_autocast).
+# decides as in the decode steps.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 CUDA_FIRST = ("cuda", "triton", "reference")
 OP_AUTO_ORDER = {
@@ -57,9 +56,9 @@ del _level
 
 def without_autocast(fn: Callable) -> Callable:
     """fn, run with autocast off wherever it is on: every op computes in its inputs' dtypes. The ops are not
-    autocast ops, but an autocast region stays on inside a custom op's implementation and a backward, and it
-    cast their own torch products: under bf16 autocast an fp32 call's byte table came out of a bf16 product,
-    and the Triton sampler's h scratch turned bf16 and failed to compile (the H100's generation rows)."""
+    autocast ops, but an autocast region stays on inside a custom op's implementation and a backward, where it
+    would cast their own torch products: under bf16 autocast an fp32 call's byte table would come out of a bf16
+    product, and the Triton sampler's h scratch would turn bf16, which its kernel does not compile for."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -85,7 +84,8 @@ class BackendError(RuntimeError):
     """A backend asked for by name cannot serve the call."""
 
 
-def _always(*args: Any, **kwargs: Any) -> Reason:
+def always(*args: Any, **kwargs: Any) -> Reason:
+    """A ``check`` or ``available`` that accepts every call."""
     return None
 
 
@@ -106,8 +106,8 @@ def register(
     backend: str,
     fn: Callable,
     *,
-    check: Callable[..., Reason] = _always,
-    available: Callable[[str], Reason] = _always,
+    check: Callable[..., Reason] = always,
+    available: Callable[[str], Reason] = always,
 ) -> None:
     """Make ``fn`` the ``backend`` implementation of ``op``; ``fn`` takes the public function's arguments."""
     if backend not in BACKENDS:
@@ -235,23 +235,40 @@ def triton_unavailable(device_type: str) -> Reason:
     return f"triton does not run {device_type} tensors"
 
 
-def device_is(device_type: str) -> Callable[[str], Reason]:
-    """An ``available`` for backends bound to one device type."""
-
-    def available(actual: str) -> Reason:
-        return None if actual == device_type else f"it runs only {device_type} tensors, these are on {actual}"
-
-    return available
+_loaded: set[Callable[[], None]] = set()
 
 
-def extension_kernel(op: str, kernel: str, device_type: str) -> Callable[[str], Reason]:
-    """An ``available`` for a backend served by ``torch.ops.agiformer_kernels.<kernel>`` on one device type."""
+def extension_available(
+    library: str, kernel: str, device_type: str, on_load: Callable[[], None]
+) -> Callable[[str], Reason]:
+    """An ``available`` for a backend served by ``torch.ops.agiformer_kernels.<kernel>`` of ``csrc/<library>/`` on
+    one device type. ``on_load`` (the op's fake kernels and autograd, which attach only to a loaded library) runs
+    once, the first time the library is found."""
 
     def available(actual: str) -> Reason:
         if actual != device_type:
             return f"it runs only {device_type} tensors, these are on {actual}"
         from . import extension
 
-        return extension.unavailable(op, kernel, torch.device(actual))
+        reason = extension.unavailable(library, kernel, torch.device(actual))
+        if reason is None and on_load not in _loaded:
+            on_load()
+            _loaded.add(on_load)
+        return reason
 
     return available
+
+
+def register_extension(
+    op: str,
+    fn: Callable,
+    *,
+    library: str,
+    kernel: str,
+    on_load: Callable[[], None],
+    checks: dict[str, Callable[..., Reason]],
+) -> None:
+    """Register ``fn`` as op's ``"cpu"`` and/or ``"cuda"`` backend (the keys of ``checks``, each with its check),
+    served by the C++ extension's ``kernel`` (see ``extension_available``)."""
+    for device_type, check in checks.items():
+        register(op, device_type, fn, check=check, available=extension_available(library, kernel, device_type, on_load))

@@ -293,6 +293,7 @@ def _load(op: str) -> str:
 
     with_cuda = cuda_buildable() and torch.cuda.is_available()
     arch = cpu_arch()
+    announce_jit_build(op, jit_name(op, with_cuda, arch))
     try:
         cpp_extension.load(
             name=jit_name(op, with_cuda, arch),
@@ -311,6 +312,32 @@ def _load(op: str) -> str:
             "set AGIFORMER_KERNELS_VERBOSE_BUILD=1 to see the compiler output"
         ) from e
     return level
+
+
+# ---------------------------------------------------------------- first-use message
+
+def jit_build_pending(op: str, name: str) -> bool:
+    """Whether loading op's JIT library ``name`` compiles it: torch's cache holds no library of that name, or
+    one older than a file of csrc/<op>/ or csrc/common/ (ninja would rebuild it), as opposed to loading it."""
+    from torch.utils import cpp_extension
+
+    try:
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        built = [p.stat().st_mtime for p in (folder / f"{name}.so", folder / f"{name}.pyd") if p.is_file()]
+        if not built:
+            return True
+        inputs = [p for d in (csrc_dir() / op, csrc_dir() / "common") for p in d.iterdir() if p.is_file()]
+        return any(p.stat().st_mtime > max(built) for p in inputs)
+    except Exception:  # a private torch helper moved, csrc/ missing: say nothing, the build reports what fails
+        return False
+
+
+def announce_jit_build(op: str, name: str) -> None:
+    """One line on stderr before a JIT build compiles, so a first use does not look hung."""
+    if jit_build_pending(op, name):
+        import sys
+
+        print(f"building the C++ kernels (first use, about a minute)… {op}", file=sys.stderr, flush=True)
 
 
 def unavailable(op: str, kernel: str, device: torch.device) -> str | None:

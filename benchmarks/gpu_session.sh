@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is for, in one command: build the ops' extensions, run the tests (all
+# Everything a GPU run is for, in one command: build the ops' extensions, run the tests (all
 # but CI's CPU stand-ins: besides the gpu-marked ones, many tests take CUDA tensors when a GPU is present), time
 # the GPU benchmarks, profile them (the kernels taking the most time in each row). Each stage has its own time
-# limit, so one call fits the device's 10-minute limit and a stage cut short still leaves its log (and the
+# limit, so one call fits a fixed time budget and a stage cut short still leaves its log (and the
 # benchmarks their finished cases).
 #
 #   benchmarks/gpu_session.sh build:60 test:300 bench:230            # stage:seconds, in order

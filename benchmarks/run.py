@@ -1,6 +1,6 @@
 """Time and measure every implementation of every benchmark case; print a table, write JSON.
 
-    python -m benchmarks.run --quick                 # CPU-sized shapes (SPEC §3 "CPU" line)
+    python -m benchmarks.run --quick                 # CPU-sized shapes (docs/ops.md §3)
     python -m benchmarks.run --device cuda           # the GPU shapes, beside the alternatives
     python -m benchmarks.run --sweep --plot          # time and memory against L, drawn to PNG
     python -m benchmarks.run --op linear_attention --impl cpu --impl reference
@@ -40,7 +40,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from statistics import median
 
 import torch
 from torch.autograd import DeviceType

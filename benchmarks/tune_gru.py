@@ -1,14 +1,14 @@
-"""Time the Triton GRU recurrence kernels at other block sizes and warp counts: a lent GPU's tool.
+"""Time the Triton GRU recurrence kernels at other block sizes and warp counts: a GPU tool.
 
-    python -m benchmarks.tune_gru                                  # SPEC §3 GRU shapes, bf16, CANDIDATES
+    python -m benchmarks.tune_gru                                  # docs/ops.md §3 GRU shapes, bf16
     python -m benchmarks.tune_gru --m 8192 --kernel bwd --config 32,64,64,8,3
 
 The kernels are gru_patch_decode's forward ("fwd") and backward ("bwd", timed as fwd+bwd with the forward at its
 default) and greedy gru_patch_sample with the byte table ("sample"). A config is (BLOCK_M, BLOCK_N, BLOCK_K,
-num_warps, num_stages), set in ``_Config.GPU`` of agiformer_kernels/ops/gru_patch/triton.py for one kernel at a
+num_warps, num_stages), set in ``GPU_CONFIGS`` of agiformer_kernels/ops/gru_patch/triton.py for one kernel at a
 time. Each config's output is checked against the default config's (relative RMS of the hidden states and of
 every gradient; the share of equal bytes for sampling), then timed (``triton.testing.do_bench``). The table goes
-to stdout and the rows to a JSON (``--out``). The faster configs that pass belong in ``_Config.GPU``.
+to stdout and the rows to a JSON (``--out``). The faster configs that pass belong in ``GPU_CONFIGS``.
 
 On CPU the kernels run through the Triton interpreter, with its own blocks: the script runs end to end at a toy
 size (its test), and its times mean nothing.
@@ -73,7 +73,7 @@ def step(kernel: str, x: dict, P: int):
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """The disagreement a config may show with the default's: both round to the dtype (SPEC §3's bound on each
+    """The disagreement a config may show with the default's: both round to the dtype (docs/ops.md §3's bound on each
     against the oracle), and sampled bytes may flip where two logits are within rounding of each other."""
     return {torch.bfloat16: 1e-2, torch.float16: 1e-2}.get(dtype, 1e-5)
 
@@ -87,24 +87,21 @@ def tune(kernel: str, M: int, P: int, h: int, configs: list, device: str, dtype:
          min_run_time: float) -> list[dict]:
     x = make_inputs(M, P, h, device, dtype)
     run, outputs = step(kernel, x, P)
-    default = gru_triton._Config.GPU
+    default = gru_triton.GPU_CONFIGS[kernel]
     ref = outputs()
     rows = []
-    try:
-        for config in configs:
-            gru_triton._Config.GPU = {**default, kernel: tuple(config)}
-            row = {"kernel": kernel, "M": M, "P": P, "h": h, "config": list(config),
-                   "default": tuple(config) == default[kernel]}
-            try:
+    for config in configs:
+        row = {"kernel": kernel, "M": M, "P": P, "h": h, "config": list(config),
+               "default": tuple(config) == default}
+        try:
+            with gru_triton.gpu_config(kernel, tuple(config)):
                 row["disagreement"] = disagreement(outputs(), ref)
                 row["ok"] = row["disagreement"] <= tolerance(dtype)
                 row["ms"] = time_ms(run, device, min_run_time)
-            except Exception as e:  # a config the GPU cannot take (resources): recorded, the others go on
-                row["error"] = describe(e)
-            rows.append(row)
-            print(format_row(row), flush=True)
-    finally:
-        gru_triton._Config.GPU = default
+        except Exception as e:  # a config the GPU cannot take (resources): recorded, the others go on
+            row["error"] = describe(e)
+        rows.append(row)
+        print(format_row(row), flush=True)
     return rows
 
 

@@ -7,7 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # oneDNN runs CPU bf16 matmuls on AMX where the CPU advertises it; on VMs that do not enable the AMX
-# state (this project's CI machines) that is SIGILL, which would end the whole test run. Read at oneDNN's
+# state that is SIGILL, which would end the whole test run. Read at oneDNN's
 # first use, so this must come before any test runs a bf16 reference.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 

@@ -105,7 +105,7 @@ def gru_patch_sample(dtype, h=256):
              dict(prefix=prefix, byte_table=table)]
     for kw in modes:
         K.gru_patch_sample(*sample_args(x), patch_size=4, backend="triton", **kw)
-    if dtype == torch.bfloat16:  # the model's call: bf16 weights under bf16 autocast (the H100's failure)
+    if dtype == torch.bfloat16:  # the model's call: bf16 weights under bf16 autocast
         with torch.autocast("cpu", torch.bfloat16):
             K.gru_patch_sample(*sample_args(x), patch_size=4, byte_table=table, backend="triton")
 

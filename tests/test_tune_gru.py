@@ -13,7 +13,7 @@ from agiformer_kernels.ops.gru_patch import triton as gru_triton  # noqa: E402
 
 def test_tune_writes_a_checked_row_per_config(tmp_path, capsys):
     out = tmp_path / "tune.json"
-    default = dict(gru_triton._Config.GPU)
+    default = dict(gru_triton.GPU_CONFIGS)
     configs = ["32,64,64,4,3", "16,32,32,8,2"]
     argv = ["--m", "5", "--p", "3", "--h", "32", "--min-run-time", "0.01", "--out", str(out)]
     assert tune_gru.main(argv + [a for c in configs for a in ("--config", c)]) == 0
@@ -22,7 +22,7 @@ def test_tune_writes_a_checked_row_per_config(tmp_path, capsys):
         (k, [int(v) for v in c.split(",")]) for k in tune_gru.KERNELS for c in configs]
     assert all(r["ok"] and r["ms"] > 0 for r in rows), rows
     assert [r["default"] for r in rows[:2]] == [True, False]
-    assert gru_triton._Config.GPU == default, "the default configs are restored"
+    assert gru_triton.GPU_CONFIGS == default, "the default configs are restored"
     assert "DIFFERS" not in capsys.readouterr().out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# SPEC §3: relative RMS error allowed per dtype against the float64 oracle.
+# docs/ops.md §3: relative RMS error allowed per dtype against the float64 oracle.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
@@ -41,7 +41,7 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float | N
 def assert_low_precision_close(
     name: str, out: torch.Tensor, ref: torch.Tensor, ref_same_dtype: torch.Tensor, floor: float = 0.0
 ) -> None:
-    """SPEC §3 for fp16/bf16: rel RMS <= 1e-2 and at most twice the error of the reference run in the
+    """docs/ops.md §3 for fp16/bf16: rel RMS <= 1e-2 and at most twice the error of the reference run in the
     same dtype (flash-attention's rule), both against the float64 oracle. The reference's own error is
     floored at half the dtype's epsilon, the rounding of its output alone.
 

@@ -28,7 +28,6 @@ class ByteLatentEncoder(nn.Module):
         if d_model % 2:
             raise ValueError(f"d_model must be even for rotary positions, got {d_model}")
         self.patch_size = patch_size
-        self.backend = backend
         self.byte_embedding = nn.Embedding(256, d_model)
         self.patch_conv = nn.Conv1d(d_model, d_model, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, d_model, 2).float() / d_model)))

@@ -21,7 +21,6 @@ class RecurrentReasoningBlock(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         self.thinking_steps = thinking_steps
-        self.backend = backend
         self.think_mlp = MLP(d_model, dropout)
         self.norm = nn.LayerNorm(d_model)
         self.gate = nn.Linear(d_model, d_model)

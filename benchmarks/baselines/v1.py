@@ -1,5 +1,5 @@
 """AGIFORMER v1, as the original code computes it: the speed/memory baseline and the oracle for
-checkpoint compatibility (SPEC §2).
+checkpoint compatibility (docs/ops.md §2).
 
 Deliberately naive where v1 was: linear attention materialises k⊗v as [B, L, H, E, E] and
 cumsums it (O(L·E²) memory), window attention builds the full L×L score matrix and masks it,

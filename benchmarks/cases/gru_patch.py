@@ -1,4 +1,4 @@
-"""GRU patch decoder (SPEC §1.3): our backends beside AGIFORMER v1's head (``benchmarks/baselines/v1.py``).
+"""GRU patch decoder (docs/ops.md §1.3): our backends beside AGIFORMER v1's head (``benchmarks/baselines/v1.py``).
 
 - ``gru_patch_loss`` (training): the fused teacher-forced GRU + head + cross-entropy, forward and backward,
   against v1's embedding → concat → nn.GRU (cuDNN on GPU, oneDNN/ATen on CPU) → Linear → cross_entropy
@@ -191,11 +191,11 @@ def sampling_cases(M, P, h, device, dtype, temperatures=(0.0, 1.0), **kw):
              bytes=traffic(M, P, h, True, dtype, M * P), params=dict(M=M, P=P, h=h, temperature=t), **kw)
 
 
-# CPU (fp32, SPEC §3 "GRU M 512"), and the generation regime M = 1, 16 for sampling
+# CPU (fp32, docs/ops.md §3: GRU M 512), and the generation regime M = 1, 16 for sampling
 training_cases(512, 4, 256, "cpu", torch.float32, quick=True)
 for _M in (1, 16, 512):
     sampling_cases(_M, 4, 256, "cpu", torch.float32, quick=True)
-# GPU, SPEC §3: M 8192 and 65536, P 4, h 256, bf16
+# GPU, docs/ops.md §3: M 8192 and 65536, P 4, h 256, bf16
 for _M in (8192, 65536):
     training_cases(_M, 4, 256, "cuda", torch.bfloat16)
     sampling_cases(_M, 4, 256, "cuda", torch.bfloat16)

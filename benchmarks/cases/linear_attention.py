@@ -1,4 +1,4 @@
-"""Causal linear attention (SPEC §1.1) and its decode step: our backends beside the strong pure-PyTorch
+"""Causal linear attention (docs/ops.md §1.1) and its decode step: our backends beside the strong pure-PyTorch
 formulation (the reference backend: every chunk in single batched matmuls, an exclusive cumsum of chunk
 states) and, on GPU, flash-linear-attention's chunk_linear_attn(normalize=True).
 
@@ -102,7 +102,7 @@ attention_case(1, 2048, 8, 64, "cpu", torch.float32, quick=True)
 attention_case(1, 16384, 8, 64, "cpu", torch.float32)
 for _L in (1024, 4096, 8192):
     attention_case(1, _L, 8, 64, "cpu", torch.float32, sweep=True)
-# GPU (bf16), SPEC §3.
+# GPU (bf16), docs/ops.md §3.
 for _B, _L, _H, _D in ((8, 4096, 8, 64), (1, 65536, 8, 64), (4, 4096, 16, 128)):
     attention_case(_B, _L, _H, _D, "cuda", torch.bfloat16)
 

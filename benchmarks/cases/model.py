@@ -15,7 +15,7 @@
   ours' speedup against it is the fraction of that floor reached (timed where v1 is not: past -new16).
 
     python -m benchmarks.run --op model --rounds 3 --isolate            # CPU rows (fp32)
-    python -m benchmarks.run --op model --device cuda                   # SPEC §3 GPU rows (bf16 autocast)
+    python -m benchmarks.run --op model --device cuda                   # docs/ops.md §3 GPU rows (bf16 autocast)
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def generation_case(B, context, new_bytes, device, dtype, **kw):
          **kw)
 
 
-# CPU (fp32): SPEC §3's B1 L1024 step, issue 6's B4 L1024 step and L16384 memory, generation at batch
+# CPU (fp32): docs/ops.md §3's B1 L1024 step, a B4 L1024 step and L16384 memory, generation at batch
 # 1 and 16 after 1024- and 4096-byte prompts.
 train_case(1, 1024, "cpu", torch.float32, quick=True)
 train_case(4, 1024, "cpu", torch.float32)
@@ -154,7 +154,7 @@ for _B in (1, 16):
     for _ctx in (1024, 4096):
         generation_case(_B, _ctx, V1_NEW_BYTES, "cpu", torch.float32)
         generation_case(_B, _ctx, 1024, "cpu", torch.float32)
-# GPU (bf16 autocast), SPEC §3: the B8 L4096 step; 1024 bytes after a 4096-byte prompt at batch 1 and 16.
+# GPU (bf16 autocast), docs/ops.md §3: the B8 L4096 step; 1024 bytes after a 4096-byte prompt at batch 1 and 16.
 train_case(8, 4096, "cuda", torch.bfloat16)
 for _B in (1, 16):
     generation_case(_B, 4096, V1_NEW_BYTES, "cuda", torch.bfloat16)

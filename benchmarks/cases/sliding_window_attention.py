@@ -1,4 +1,4 @@
-"""Sliding-window attention (SPEC §1.2) and its decode step: our backends beside the strongest
+"""Sliding-window attention (docs/ops.md §1.2) and its decode step: our backends beside the strongest
 PyTorch formulations and, on GPU, FlexAttention with a sliding-window BlockMask and SDPA with a
 dense boolean mask.
 
@@ -162,7 +162,7 @@ attention_case(1, 2048, 8, 64, 128, "cpu", torch.float32, quick=True)
 attention_case(1, 16384, 8, 64, 128, "cpu", torch.float32)
 for _L in (1024, 4096, 8192):
     attention_case(1, _L, 8, 64, 128, "cpu", torch.float32, sweep=True)
-# GPU (bf16), SPEC §3.
+# GPU (bf16), docs/ops.md §3.
 for _B, _L, _H, _D, _W in ((8, 4096, 8, 64, 128), (1, 65536, 8, 64, 128), (4, 4096, 16, 128, 128),
                            (4, 4096, 16, 128, 512)):
     attention_case(_B, _L, _H, _D, _W, "cuda", torch.bfloat16)

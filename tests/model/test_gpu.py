@@ -60,9 +60,8 @@ def test_greedy_generation_matches_teacher_forcing():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_generation_with_the_triton_sampler(autocast):
-    """auto samples on the CUDA kernel. The Triton sampler passed the op tests on the H100 but failed to compile
-    inside bf16 generation there: autocast reached into the op and made its h scratch bf16 (tests/ops/
-    test_autocast.py, README). This is that call, now with autocast off inside the op."""
+    """auto samples on the CUDA kernel; this is bf16 generation on the Triton sampler, whose h scratch autocast
+    would make bf16 (which its kernel does not compile for) if it reached into the op (tests/ops/test_autocast.py)."""
     _, ours = pair()
     ours.eval()
     ours.head.backend = "triton"

@@ -9,8 +9,8 @@ import agiformer_kernels.nn.linear_attention as nn_linear
 import agiformer_kernels.nn.sliding_window_attention as nn_window
 from agiformer import AGIFORMER
 from agiformer.checkpoint import load_model
-from agiformer_kernels.ops.gru_patch.reference import naive_decode
-from agiformer_kernels.ops.linear_attention.reference import linear_attention_naive
+from agiformer_kernels.ops.gru_patch.reference import naive_gru_patch_decode
+from agiformer_kernels.ops.linear_attention.reference import naive_linear_attention
 from agiformer_kernels.ops.sliding_window_attention.reference import naive_sliding_window_attention
 from benchmarks.baselines import v1
 from tests.utils import assert_close
@@ -55,12 +55,12 @@ def test_logits_match_the_naive_oracles(monkeypatch):
     """The model on the ops' loop-by-loop oracles gives v1's logits."""
     ref, ours = pair(**SMALL)
     monkeypatch.setattr(nn_linear, "linear_attention", lambda q, k, v, *, feature_eps, eps, backend: (
-        linear_attention_naive(q, k, v, feature_map="elu+1", feature_eps=feature_eps, scale=q.shape[-1] ** -0.5,
+        naive_linear_attention(q, k, v, feature_map="elu+1", feature_eps=feature_eps, scale=q.shape[-1] ** -0.5,
                                eps=eps, normalize=True, initial_state=None, output_final_state=False,
                                cu_seqlens=None)))
     monkeypatch.setattr(nn_window, "sliding_window_attention",
                         lambda q, k, v, window, *, backend: naive_sliding_window_attention(q, k, v, window))
-    monkeypatch.setattr(nn_head, "gru_patch_decode", lambda *args, backend: naive_decode(*args))
+    monkeypatch.setattr(nn_head, "gru_patch_decode", lambda *args, backend: naive_gru_patch_decode(*args))
     x, y = batch(B=1, patches=11)
     assert_close("naive-oracle logits", ours(x, y), ref(x, y))
 

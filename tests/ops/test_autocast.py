@@ -1,8 +1,8 @@
 """Every op computes in its inputs' dtypes whatever autocast region it is called in: an fp32 call under bf16
 autocast gives the same bits as outside it, on every backend here. Autocast stays on inside a custom op's
-implementation and a backward, and it used to cast the backends' own torch products: the byte table and the
-context product of the Triton GRU, the C++ GRU backward's, a reference's state products. (On the H100 that
-turned the Triton sampler's h scratch bf16, which did not compile.)"""
+implementation and a backward, where it would cast the backends' own torch products: the byte table and the
+context product of the Triton GRU, the C++ GRU backward's, a reference's state products (and turn the Triton
+sampler's h scratch bf16, which its kernel does not compile for)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""gru_patch_decode / gru_patch_loss / gru_patch_sample (SPEC §1.3): every backend against the float64 oracle.
+"""gru_patch_decode / gru_patch_loss / gru_patch_sample (docs/ops.md §1.3): every backend against the float64 oracle.
 
 The Triton backend's interpreter tests live in test_gru_patch_triton.py; they reuse the helpers here.
 """
@@ -82,7 +82,7 @@ def as64(x, names=FLOAT_NAMES):
 def _decode_oracle(M, P, h, dtype):
     x, b = make_inputs(M, P, h, dtype)
     x64 = as64(x, DECODE_NAMES)
-    hidden = R.naive_decode(*decode_args(x64, b))
+    hidden = R.naive_gru_patch_decode(*decode_args(x64, b))
     hidden.backward(upstream(hidden.shape))
     return hidden.detach(), {k: v.grad for k, v in x64.items()}
 
@@ -97,7 +97,7 @@ def decode_oracle(M, P, h, dtype=torch.float64):
 def _loss_oracle(M, P, h, dtype, sos, reduction):
     x, b = make_inputs(M, P, h, dtype)
     x64 = as64(x)
-    loss = R.naive_loss(*loss_args(x64, b), sos=sos, reduction=reduction)
+    loss = R.naive_gru_patch_loss(*loss_args(x64, b), sos=sos, reduction=reduction)
     loss.backward(upstream(loss.shape) if reduction == "none" else None)
     return loss.detach(), {k: v.grad for k, v in x64.items()}
 
@@ -117,7 +117,7 @@ def next_byte_probs(x, prefix, temperature, top_k=None):
     x64 = {k: v.detach().cpu().double() for k, v in x.items()}
     r = prefix.shape[1]
     fed = R.teacher_inputs(torch.cat([prefix.cpu(), prefix[:, :1].cpu()], 1), 0)  # [sos, prefix]
-    hidden = R.naive_decode(*decode_args(x64, fed))
+    hidden = R.naive_gru_patch_decode(*decode_args(x64, fed))
     logits = hidden[:, r] @ x64["head_weight"].T + x64["head_bias"]
     if top_k is not None:
         logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
@@ -142,14 +142,14 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 def check_decode(backend, M, P, h, dtype, device="cpu"):
-    """Hidden states and all six gradients against the oracle, per SPEC §3."""
+    """Hidden states and all six gradients against the oracle, per docs/ops.md §3."""
     x, b = make_inputs(M, P, h, dtype, device, requires_grad=True)
     hidden, grads = run_with_grads(lambda: gru_patch_decode(*decode_args(x, b), backend=backend), x, DECODE_NAMES,
                                    grad_out_shape=True)
     ref, ref_grads = decode_oracle(M, P, h, dtype)
     if dtype in (torch.float16, torch.bfloat16):
         xr = {k: v.detach().cpu().requires_grad_() for k, v in x.items()}
-        same, same_grads = run_with_grads(lambda: R.decode(*decode_args(xr, b.cpu())), xr, DECODE_NAMES, True)
+        same, same_grads = run_with_grads(lambda: R.gru_patch_decode_reference(*decode_args(xr, b.cpu())), xr, DECODE_NAMES, True)
         assert_low_precision_close("hidden", hidden.cpu(), ref, same)
         for k in DECODE_NAMES:
             if P == 1 and k == "weight_hh":  # h_0 = 0: no gradient reaches W_hh
@@ -174,7 +174,7 @@ def check_loss(backend, M, P, h, dtype, reduction, device="cpu"):
     if dtype in (torch.float16, torch.bfloat16):
         xr = {k: v.detach().cpu().requires_grad_() for k, v in x.items()}
         same, same_grads = run_with_grads(
-            lambda: R.loss(*loss_args(xr, b.cpu()), sos=7, reduction=reduction), xr, FLOAT_NAMES,
+            lambda: R.gru_patch_loss_reference(*loss_args(xr, b.cpu()), sos=7, reduction=reduction), xr, FLOAT_NAMES,
             True if reduction == "none" else None)
         assert_low_precision_close("loss", loss.cpu().to(dtype), ref, same.to(dtype))
         for k in FLOAT_NAMES:
@@ -193,7 +193,7 @@ def check_greedy(backend, M, P, h, dtype, device="cpu", prefix_len=0):
     prefix = torch.randint(0, 256, (M, prefix_len), generator=torch.Generator().manual_seed(5)).to(device)
     out = gru_patch_sample(*sample_args(x), patch_size=P, prefix=prefix if prefix_len else None, sos=3,
                            backend=backend)
-    ref = R.naive_sample(*sample_args(x), patch_size=P, prefix=prefix if prefix_len else None, sos=3)
+    ref = R.naive_gru_patch_sample(*sample_args(x), patch_size=P, prefix=prefix if prefix_len else None, sos=3)
     assert out.dtype == torch.int64 and out.shape == (M, P)
     assert torch.equal(out.cpu(), ref.cpu()), f"{(out.cpu() != ref.cpu()).sum()} of {out.numel()} bytes differ"
 
@@ -225,7 +225,7 @@ def check_distribution(backend, device="cpu", M=20000, temperature=0.8, top_k=No
 @pytest.mark.parametrize("M,P,h", SHAPES64, ids=[shape_id(*s) for s in SHAPES64])
 def test_reference_decode_matches_naive(M, P, h):
     x, b = make_inputs(M, P, h, torch.float64, requires_grad=True)
-    hidden, grads = run_with_grads(lambda: R.decode(*decode_args(x, b)), x, DECODE_NAMES, True)
+    hidden, grads = run_with_grads(lambda: R.gru_patch_decode_reference(*decode_args(x, b)), x, DECODE_NAMES, True)
     ref, ref_grads = decode_oracle(M, P, h)
     assert_close("hidden", hidden, ref, tol=1e-10)
     for k in DECODE_NAMES:
@@ -237,7 +237,7 @@ def test_reference_decode_matches_naive(M, P, h):
 @pytest.mark.parametrize("M,P,h", [(1, 1, 32), (3, 4, 256), (1000, 8, 32)], ids=lambda v: str(v))
 def test_reference_loss_matches_naive(M, P, h, reduction):
     x, b = make_inputs(M, P, h, torch.float64, requires_grad=True)
-    fn = lambda: R.loss(*loss_args(x, b), sos=7, reduction=reduction)  # noqa: E731
+    fn = lambda: R.gru_patch_loss_reference(*loss_args(x, b), sos=7, reduction=reduction)  # noqa: E731
     loss, grads = run_with_grads(fn, x, FLOAT_NAMES, True if reduction == "none" else None)
     ref, ref_grads = loss_oracle(M, P, h, torch.float64, sos=7, reduction=reduction)
     assert_close("loss", loss, ref, tol=1e-10)
@@ -256,16 +256,16 @@ def test_naive_decode_is_nn_gru():
             getattr(gru, f"{name}_l0").copy_(x[name])
         inp = torch.cat([x["byte_emb"][b], x["context"][:, None].expand(M, P, h)], -1)
         expected, _ = gru(inp)
-    assert_close("hidden", R.naive_decode(*decode_args(x, b)), expected, tol=1e-12)
+    assert_close("hidden", R.naive_gru_patch_decode(*decode_args(x, b)), expected, tol=1e-12)
 
 
 def test_naive_loss_is_cross_entropy_of_v1_logits():
     M, P, h = 6, 4, 32
     x, y = make_inputs(M, P, h, torch.float64)
     prev = torch.cat([torch.full((M, 1), 9), y[:, :-1]], 1)
-    logits = R.naive_decode(*decode_args(x, prev)) @ x["head_weight"].T + x["head_bias"]
+    logits = R.naive_gru_patch_decode(*decode_args(x, prev)) @ x["head_weight"].T + x["head_bias"]
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
-    assert_close("loss", R.naive_loss(*loss_args(x, y), sos=9), expected, tol=1e-12)
+    assert_close("loss", R.naive_gru_patch_loss(*loss_args(x, y), sos=9), expected, tol=1e-12)
 
 
 @pytest.mark.parametrize("M,P,h", [(1, 1, 32), (3, 4, 256), (1000, 8, 32)], ids=lambda v: str(v))
@@ -276,7 +276,7 @@ def test_reference_sample_matches_naive(M, P, h, temperature, top_k):
     seed = R.draw_seed(torch.Generator().manual_seed(3), torch.device("cpu"))
     kw = dict(patch_size=P, temperature=temperature, top_k=top_k, prefix=prefix, sos=1)
     out = R.sample_seeded(*sample_args(x), seed=seed, **kw)
-    assert torch.equal(out, R.naive_sample(*sample_args(x), seed=seed, **kw))
+    assert torch.equal(out, R.naive_gru_patch_sample(*sample_args(x), seed=seed, **kw))
 
 
 def test_counter_hash_is_lowbias32():
@@ -338,21 +338,13 @@ def test_cpu_loss_backward_reuses_the_head_gradient_of_its_forward(monkeypatch):
     """Under a mean or a sum the C++ forward also takes the head's gradient; the backward must reuse it (scaled by
     the one upstream scalar), not recompute the logits in gru_patch_loss_bwd. A mean's own backward materialises
     the [M, P] gradient, so the op could not tell it was one scalar: this ran the head twice (~30% of a step)."""
-    from agiformer_kernels.ops.gru_patch import cpp
-
-    cpp._register_python_side()
-    called = []
-
-    class Spy:
-        def __getattr__(self, name):
-            called.append(name)
-            return getattr(torch.ops.agiformer_kernels, name)
-
-    monkeypatch.setattr(cpp, "_ops", Spy())
-    for reduction in ("mean", "sum"):
-        x, b = make_inputs(5, 3, 32, torch.float32, requires_grad=True)
-        gru_patch_loss(*loss_args(x, b), reduction=reduction, backend="cpu").backward()
-    assert "gru_patch_decode_bwd" in called and "gru_patch_loss_bwd" not in called, called
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for reduction in ("mean", "sum"):
+            x, b = make_inputs(5, 3, 32, torch.float32, requires_grad=True)
+            gru_patch_loss(*loss_args(x, b), reduction=reduction, backend="cpu").backward()
+    called = {e.key for e in prof.key_averages()}
+    assert "agiformer_kernels::gru_patch_decode_bwd" in called, called
+    assert "agiformer_kernels::gru_patch_loss_bwd" not in called, called
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -539,11 +531,11 @@ def test_non_contiguous_inputs(backend):
     b32 = torch.stack([b, b], 2).to(torch.int32)[..., 1]
     assert not strided["context"].is_contiguous() and not b32.is_contiguous()
     assert_close("hidden", gru_patch_decode(*decode_args(strided, b32), backend=backend),
-                 R.naive_decode(*decode_args(x, b)), tol=1e-5)
+                 R.naive_gru_patch_decode(*decode_args(x, b)), tol=1e-5)
     assert_close("loss", gru_patch_loss(*loss_args(strided, b32), backend=backend),
-                 R.naive_loss(*loss_args(x, b)), tol=1e-5)
+                 R.naive_gru_patch_loss(*loss_args(x, b)), tol=1e-5)
     assert torch.equal(gru_patch_sample(*sample_args(strided), patch_size=P, backend=backend),
-                       R.naive_sample(*sample_args(x), patch_size=P))
+                       R.naive_gru_patch_sample(*sample_args(x), patch_size=P))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -558,7 +550,7 @@ def test_empty_batch(backend):
 def test_cpu_opcheck():
     from agiformer_kernels.ops.gru_patch import cpp
 
-    cpp._register_python_side()
+    assert cpp.load_library() is None
     ops = torch.ops.agiformer_kernels
     for dtype in (torch.float32, torch.bfloat16):
         x, b = make_inputs(5, 3, 16, dtype, requires_grad=True)

@@ -236,7 +236,7 @@ def test_decode_emulated(kernels, M, P, h, dtype):
             assert_close(f"d{k}", grads[k], ref_grads[k])
         return
     xr = {k: v.clone().requires_grad_() for k, v in x.items()}
-    same, same_grads = run_with_grads(lambda: R.decode(*decode_args(xr, b)), xr, DECODE_NAMES, True)
+    same, same_grads = run_with_grads(lambda: R.gru_patch_decode_reference(*decode_args(xr, b)), xr, DECODE_NAMES, True)
     assert_low_precision_close("hidden", hidden, ref, same)
     for k in names:
         assert_low_precision_close(f"d{k}", grads[k], ref_grads[k], same_grads[k])
@@ -270,7 +270,7 @@ def test_loss_emulated(kernels, M, P, h, dtype, max_splits):
             assert_close(f"d{k}", grads[k], ref_grads[k])
         return
     xr = {k: v.clone().requires_grad_() for k, v in x.items()}
-    same, same_grads = run_with_grads(lambda: R.loss(*loss_args(xr, y), sos=7, reduction="none"), xr, FLOAT_NAMES,
+    same, same_grads = run_with_grads(lambda: R.gru_patch_loss_reference(*loss_args(xr, y), sos=7, reduction="none"), xr, FLOAT_NAMES,
                                       True)
     assert_low_precision_close("loss", loss.to(dtype), ref, same.to(dtype))
     for k in names:
@@ -302,7 +302,7 @@ def _sample_inputs(M, P, h, dtype, prefix_len, ties=False):
 
 def _oracle_sample(x, P, **kw):
     """The naive sampler in float64 on the same (rounded) values: the kernels keep h in fp32 or fp64."""
-    return R.naive_sample(*sample_args({k: v.double() for k, v in x.items()}), patch_size=P, **kw)
+    return R.naive_gru_patch_sample(*sample_args({k: v.double() for k, v in x.items()}), patch_size=P, **kw)
 
 
 @pytest.mark.parametrize("M,P,h,dtype,prefix_len,ties", GREEDY_CASES,

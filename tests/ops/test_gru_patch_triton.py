@@ -130,11 +130,11 @@ def test_non_contiguous_inputs():
                    head_weight=x["head_weight"].T.contiguous().T)
     b32 = torch.stack([b, b], 2).to(torch.int32)[..., 1]
     assert_close("hidden", gru_patch_decode(*decode_args(strided, b32), backend="triton"),
-                 R.naive_decode(*decode_args(x, b)), tol=1e-5)
-    assert_close("loss", gru_patch_loss(*loss_args(strided, b32), backend="triton"), R.naive_loss(*loss_args(x, b)),
+                 R.naive_gru_patch_decode(*decode_args(x, b)), tol=1e-5)
+    assert_close("loss", gru_patch_loss(*loss_args(strided, b32), backend="triton"), R.naive_gru_patch_loss(*loss_args(x, b)),
                  tol=1e-5)
     assert torch.equal(gru_patch_sample(*sample_args(strided), patch_size=P, backend="triton"),
-                       R.naive_sample(*sample_args(x), patch_size=P))
+                       R.naive_gru_patch_sample(*sample_args(x), patch_size=P))
 
 
 def test_empty_batch():
@@ -153,7 +153,8 @@ def test_opcheck():
 
     x, b = make_inputs(5, 3, 16, F32, DEVICE, requires_grad=True)
     torch.library.opcheck(T.decode_fwd, (*decode_args(x, b), True))
-    torch.library.opcheck(T.loss_fwd, (*loss_args(x, b), 3, True))
+    for head_grad in (False, True):  # the head gradient is left to the backward either way
+        torch.library.opcheck(T.loss_fwd, (*loss_args(x, b), 3, True, head_grad))
     seed = R.draw_seed(torch.Generator(DEVICE).manual_seed(0), torch.device(DEVICE))
     torch.library.opcheck(T.sample_op, (*sample_args(x), 4, 0.7, 10, b[:, :1], 2, seed, None))
 
@@ -167,12 +168,12 @@ def test_gradients_of_unused_outputs_are_skipped():
 
 
 def test_gpu_config_per_kernel():
-    """On a GPU each recurrence kernel launches with its own _Config.GPU entry (what benchmarks/tune_gru.py varies),
+    """On a GPU each recurrence kernel launches with its own GPU_CONFIGS entry (what benchmarks/tune_gru.py varies),
     its blocks capped at the hidden size's power of two."""
     from agiformer_kernels.ops.gru_patch import triton as gt
 
     cuda = torch.device("cuda")  # only its type is read: no GPU needed
-    for kernel, config in gt._Config.GPU.items():
+    for kernel, config in gt.GPU_CONFIGS.items():
         args = gt._Config(256, BF16, cuda, kernel).recurrence()
         assert (args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"], args["num_warps"], args["num_stages"]) == config
     assert gt._Config(16, BF16, cuda, "bwd").recurrence()["BLOCK_K"] == 16

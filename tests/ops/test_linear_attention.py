@@ -1,4 +1,4 @@
-"""linear_attention (SPEC §1.1) and its decode step: reference and C++ CPU backends against the float64 oracle.
+"""linear_attention (docs/ops.md §1.1) and its decode step: reference and C++ CPU backends against the float64 oracle.
 
 The Triton backend's tests live in test_linear_attention_triton.py (the interpreter on CPU, slow), and
 so do the GPU tests of the Triton and CUDA backends; the CUDA kernels' emulated runs on CPU in
@@ -16,7 +16,7 @@ import torch
 
 from agiformer_kernels import BackendError, linear_attention, linear_attention_step
 from agiformer_kernels.ops.linear_attention import cpp
-from agiformer_kernels.ops.linear_attention.reference import linear_attention_naive
+from agiformer_kernels.ops.linear_attention.reference import naive_linear_attention
 from tests.utils import TOLERANCE, assert_close, assert_low_precision_close, rel_rms
 
 BACKENDS = ["reference", "cpu"]
@@ -72,7 +72,7 @@ def _oracle(B, L, H, D, Dv, state, packed, options):
     opts.update(dict(options))
     cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
     with one_thread():
-        o, (S, z) = linear_attention_naive(
+        o, (S, z) = naive_linear_attention(
             q, k, v, initial_state=init, output_final_state=True, cu_seqlens=cu, **opts
         )
         g = torch.Generator().manual_seed(7)
@@ -162,7 +162,7 @@ def test_cpu_matches_oracle(case, dtype):
 
 
 def fp32_grad_tol(reference_error: float) -> float:
-    """Tolerance for an fp32 gradient: SPEC's 1e-5, or, where the fp32 reference itself errs more, 4x its
+    """Tolerance for an fp32 gradient: docs/ops.md §3's 1e-5, or, where the fp32 reference itself errs more, 4x its
     error. A lone token's dq is a difference of two O(1) terms (o_t ≈ v_t, the output barely depends on
     q_t), so its fp32 relative error is ~1e-3 in any summation order, the reference's included."""
     return max(TOLERANCE[torch.float32], 4 * reference_error)
@@ -292,7 +292,7 @@ def test_fused_projection_views(backend):
     q, k, v = qkv.unbind(2)
     assert not q.is_contiguous()
     o = linear_attention(q, k, v, backend=backend)
-    ref = linear_attention_naive(
+    ref = naive_linear_attention(
         q, k, v, feature_map="elu+1", feature_eps=1e-4, scale=D**-0.5, eps=1e-4, normalize=True,
         initial_state=None, output_final_state=False, cu_seqlens=None,
     )
@@ -361,9 +361,9 @@ def test_auto_picks_cpu_kernel_and_explicit_unavailable_backend_raises():
         (lambda a: a.update(q=a["q"].long()), TypeError, "q must be float16"),
         (lambda a: a.update(v=a["v"].double()), ValueError, "v has dtype"),
         (lambda a: a.update(feature_map="relu"), ValueError, "feature_map"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 2, 5])), TypeError, "cu_seqlens must be int32"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)), ValueError, "cu_seqlens must run"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32)), ValueError, "non-decreasing"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0.0, 2, 5])), TypeError, "cu_seqlens must be an integer"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32)), ValueError, "must rise from 0"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32)), ValueError, "decreasing"),
         (lambda a: a.update(cu_seqlens=torch.tensor([[0, 5]]).int()), ValueError, "cu_seqlens must have 1"),
         (lambda a: a.update(initial_state=torch.zeros(1)), TypeError, "initial_state must be a tuple"),
         (lambda a: a.update(initial_state=(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8))), ValueError, r"state\[0\]"),
@@ -376,7 +376,7 @@ def test_auto_picks_cpu_kernel_and_explicit_unavailable_backend_raises():
         (lambda a: a.update(backend="tpu"), ValueError, "backend must be one of"),
     ],
     ids=[
-        "q-rank", "k-shape", "v-shape", "q-int", "v-dtype", "feature-map", "cu-int64", "cu-range", "cu-order",
+        "q-rank", "k-shape", "v-shape", "q-int", "v-dtype", "feature-map", "cu-float", "cu-range", "cu-order",
         "cu-rank", "state-not-tuple", "state-S-shape", "state-S-dtype", "state-z-shape", "backend-name",
     ],
 )
@@ -404,3 +404,13 @@ def test_step_bad_inputs_name_the_argument(mutate, error, match):
     mutate(args)
     with pytest.raises(error, match=match):
         linear_attention_step(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("state"), **args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cu_seqlens_int64_reads_as_int32(backend):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 10, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 3, 10])
+    o64 = linear_attention(q, k, v, cu_seqlens=cu, backend=backend)
+    o32 = linear_attention(q, k, v, cu_seqlens=cu.int(), backend=backend)
+    assert torch.equal(o64, o32)

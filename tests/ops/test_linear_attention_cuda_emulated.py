@@ -14,13 +14,12 @@ import math
 import pytest
 import torch
 
-from agiformer_kernels.ops.linear_attention.cpp import chunk_rows
+from agiformer_kernels.ops.linear_attention._common import chunk_rows
 from agiformer_kernels.ops.linear_attention.reference import linear_attention_step_reference
 from tests.cuda_emulation import CSRC, for_gcc, load, ptr
 from tests.ops.test_linear_attention import (
     CASE_IDS,
     CASES,
-    TOLERANCE,
     _case,
     fp32_grad_tol,
     offsets_for,

@@ -1,5 +1,5 @@
 """linear_attention's Triton backend against the float64 oracle: on CPU through the Triton interpreter
-(slow, so small odd shapes), on a GPU at the SPEC shapes (gpu-marked).
+(slow, so small odd shapes), on a GPU at the docs/ops.md §3 shapes (gpu-marked).
 
 Interpreter finding: bf16 tensors load, compute and store, but its fp32 -> bf16 cast truncates instead
 of rounding to nearest (the GPU rounds), which alone doubles the output error; so on CPU bf16 is held
@@ -118,7 +118,7 @@ def test_triton_fp16(case):
 
 
 def test_triton_bf16_within_spec_tolerance():
-    """bf16 through the interpreter: within SPEC's 1e-2 (the 2x rule is test_triton_bf16_on_gpu's)."""
+    """bf16 through the interpreter: within docs/ops.md §3's 1e-2 (the 2x rule is test_triton_bf16_on_gpu's)."""
     q, k, v, init, opts, (o_ref, _, grads_out, _) = _case(*CASES[1], torch.bfloat16)
     o, _, leaves = run_on_device("triton", q, k, v, init, False, opts)
     assert o.dtype == torch.bfloat16
@@ -174,7 +174,7 @@ def test_triton_opcheck():
     )
 
 
-# ---- GPU: the SPEC shapes and the bf16 rule (skipped without CUDA) ---------------------------------
+# ---- GPU: the docs/ops.md §3 shapes and the bf16 rule (skipped without CUDA) ----------------------
 
 GPU_BACKENDS = ["triton", "cuda"]
 
@@ -205,7 +205,7 @@ def test_gpu_low_precision_rule(case, dtype, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_spec_shape_matches_reference(backend):
-    """B1 L4096 H8 D64 in bf16 (a SPEC shape cut to one sequence) against the fp64 chunked reference."""
+    """B1 L4096 H8 D64 in bf16 (a docs/ops.md §3 shape cut to one sequence) against the fp64 chunked reference."""
     q, k, v, _ = make_inputs(1, 4096, 8, 64, torch.bfloat16)
     q, k, v = (t.cuda().requires_grad_() for t in (q, k, v))
     o = linear_attention(q, k, v, backend=backend)

@@ -3,7 +3,6 @@ the launch checks the op tests rely on (a check that never fires would make them
 
 from __future__ import annotations
 
-import ctypes
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""sliding_window_attention (SPEC §1.2) and its decode step: every backend against the float64 oracle.
+"""sliding_window_attention (docs/ops.md §1.2) and its decode step: every backend against the float64 oracle.
 
 The Triton backend's interpreter tests live in test_sliding_window_attention_triton.py (slow).
 """
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from agiformer_kernels import BackendError, sliding_window_attention, sliding_window_attention_step
-from agiformer_kernels.ops.sliding_window_attention import cpp
 from agiformer_kernels.ops.sliding_window_attention.reference import (
     naive_sliding_window_attention,
     naive_sliding_window_attention_step,
@@ -220,7 +219,7 @@ def test_kernel_matches_oracle(backend, dtype, B, L, H, D, window, offsets):
     assert out.dtype == dtype and out.device == q.device
     out.backward(grad.to(device=device, dtype=dtype))
     if dtype in (torch.float16, torch.bfloat16):
-        # SPEC §3: at most twice the error of the reference run in the same dtype
+        # docs/ops.md §3: at most twice the error of the reference run in the same dtype
         qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
         same = sliding_window_attention(qs, ks, vs, window, cu_seqlens=cu, backend="reference")
         same.backward(grad.to(device=device, dtype=dtype))

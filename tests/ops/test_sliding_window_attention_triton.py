@@ -60,7 +60,7 @@ def test_triton_matches_oracle(device, dtype, B, L, H, D, window, offsets):
         for name, t, g in zip("qkv", (q, k, v), ref_grads):
             assert_grad_close(f"d{name}", t.grad.cpu(), g)
         return
-    # SPEC §3 for 16-bit: at most twice the error of the reference run in the same dtype
+    # docs/ops.md §3 for 16-bit: at most twice the error of the reference run in the same dtype
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     same = sliding_window_attention(qs, ks, vs, window, cu_seqlens=cu, backend="reference")
     same.backward(grad.to(device=device, dtype=dtype))

@@ -1,4 +1,4 @@
-"""Fused GRU patch decoder (SPEC §1.3): teacher-forced hidden states, fused loss, and sampling.
+"""Fused GRU patch decoder (docs/ops.md §1.3): teacher-forced hidden states, fused loss, and sampling.
 
 Each patch's P bytes are decoded by a 256-wide GRU (PyTorch gate layout) from the patch's
 projected latent c: step t reads x_t = [byte_emb[b_t] | c], h_0 = 0, b_0 = sos.
@@ -13,13 +13,12 @@ import torch
 
 from ... import backends
 from ..common import FLOAT_DTYPES, check_byte_range, check_float, check_index, check_same, check_shape
-from . import cpp, reference  # noqa: F401  (register the "cpu"/"cuda" and "reference" backends)
+from . import cpp, reference  # noqa: F401  (each registers its backends)
+from ._common import DECODE_OP, LOSS_OP, REDUCTIONS, SAMPLE_OP, VOCAB, acc_dtype
 
 if importlib.util.find_spec("triton") is not None:
     from . import triton  # noqa: F401  (registers the "triton" backends)
-from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype
 
-REDUCTIONS = ("mean", "sum", "none")
 _INF = float("inf")
 
 
@@ -230,28 +229,14 @@ def gru_patch_sample(
     if not (type(patch_size) is int and patch_size >= 1 and type(temperature) is float and 0 <= temperature < _INF
             and top_k is None and prefix is None and type(sos) is int and 0 <= sos < VOCAB and generator is None):
         patch_size, temperature, top_k, sos = _check_sample_args(patch_size, temperature, top_k, sos, generator)
-    # The C++ op checks its own tensor arguments, naming them; for it the Python checks (a quarter of a call
-    # at M = 1) are skipped.
-    impl = None
-    if _cpu_matrix(context) and _tensors(*args) and _tensors(prefix, byte_table, optional=True):
-        impl = backends.select(SAMPLE_OP, backend, context.device, *args)
-    if impl is not cpp.sample_cpp:
-        _check_weights(*args[:6], args[6:])
-        if prefix is not None:
-            _check_prefix(prefix, context, patch_size)
-        if byte_table is not None:
-            _check_byte_table(byte_table, context)
-        impl = impl or backends.select(SAMPLE_OP, backend, context.device, *args)
+    _check_weights(*args[:6], args[6:])
+    if prefix is not None:
+        _check_prefix(prefix, context, patch_size)
+    if byte_table is not None:
+        _check_byte_table(byte_table, context)
+    impl = backends.select(SAMPLE_OP, backend, context.device, *args)
     return impl(*args, patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
                 generator=generator, byte_table=byte_table)
-
-
-def _cpu_matrix(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_cpu and t.dim() == 2
-
-
-def _tensors(*ts, optional: bool = False) -> bool:
-    return all(isinstance(t, torch.Tensor) or (optional and t is None) for t in ts)
 
 
 def _check_prefix(prefix, context, patch_size):

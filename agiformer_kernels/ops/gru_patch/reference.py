@@ -1,4 +1,4 @@
-"""Pure-PyTorch GRU patch decoder (SPEC §1.3): the naive oracle and the efficient fallback.
+"""Pure-PyTorch GRU patch decoder (docs/ops.md §1.3): the naive oracle and the efficient fallback.
 
 The ``naive_*`` functions follow the math literally: every step builds the concatenated input
 x_t = [byte_emb[b_t] | c] and multiplies it by the whole ``weight_ih``. The efficient forms (the
@@ -20,16 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import backends
-
-DECODE_OP = "gru_patch_decode"
-LOSS_OP = "gru_patch_loss"
-SAMPLE_OP = "gru_patch_sample"
-VOCAB = 256
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 for fp64 inputs, else fp32 (also the dtype of losses and logits)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._common import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype, draw_seed, reduce, teacher_inputs
 
 
 def gru_cell(gi: torch.Tensor, h: torch.Tensor, weight_hh: torch.Tensor, bias_hh: torch.Tensor) -> torch.Tensor:
@@ -40,12 +31,6 @@ def gru_cell(gi: torch.Tensor, h: torch.Tensor, weight_hh: torch.Tensor, bias_hh
     z = torch.sigmoid(i_z + h_z)
     n = torch.tanh(i_n + r * h_n)
     return (1 - z) * n + z * h
-
-
-def teacher_inputs(targets: torch.Tensor, sos: int) -> torch.Tensor:
-    """prev_bytes = [sos, targets[:, :-1]]: the byte fed at each step under teacher forcing."""
-    first = torch.full_like(targets[:, :1], sos)
-    return torch.cat([first, targets[:, :-1]], 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,13 +51,6 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
-
-
-def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Two 32-bit seed words ``[2]`` int64 on ``device``, drawn from ``generator`` (advancing it)."""
-    gen_device = generator.device if generator is not None else device
-    seed = torch.randint(0, 1 << 32, (2,), dtype=torch.int64, generator=generator, device=gen_device)
-    return seed.to(device)
 
 
 def counter_uniform(seed: torch.Tensor, rows: torch.Tensor, step: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +87,7 @@ def choose_bytes(
 # Naive oracle: explicit steps over the concatenated input.
 
 
-def naive_decode(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
+def naive_gru_patch_decode(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
     M, P = prev_bytes.shape
     h = context.new_zeros(M, context.shape[1])
     out = []
@@ -120,17 +98,18 @@ def naive_decode(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, b
     return torch.stack(out, 1)
 
 
-def naive_loss(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
-               *, sos=0, reduction="mean") -> torch.Tensor:
-    hidden = naive_decode(context, teacher_inputs(targets, sos), byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
+def naive_gru_patch_loss(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight,
+                         head_bias, *, sos=0, reduction="mean") -> torch.Tensor:
+    prev = teacher_inputs(targets, sos)
+    hidden = naive_gru_patch_decode(context, prev, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
     logits = (hidden @ head_weight.T + head_bias).to(acc_dtype(context.dtype))
     picked = logits.gather(-1, targets.long()[..., None])[..., 0]
     loss = torch.logsumexp(logits, -1) - picked
-    return _reduce(loss, reduction)
+    return reduce(loss, reduction)
 
 
-def naive_sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
-                 patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, seed=None) -> torch.Tensor:
+def naive_gru_patch_sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
+                           patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, seed=None) -> torch.Tensor:
     """Sampling straight from the math; ``seed`` is draw_seed's output (needed when temperature > 0)."""
     M = context.shape[0]
     rows = torch.arange(M, device=context.device)
@@ -151,14 +130,6 @@ def naive_sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head
     return torch.stack(out, 1)
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 # ---------------------------------------------------------------------------------------------
 # Efficient forms: table gather + one context GEMM, the P steps batched over all patches.
 
@@ -171,7 +142,7 @@ def input_projection(context, prev_bytes, byte_emb, weight_ih, bias_ih) -> torch
     return table[prev_bytes.long()] + gc[:, None]
 
 
-def decode(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
+def gru_patch_decode_reference(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh):
     gi = input_projection(context, prev_bytes, byte_emb, weight_ih, bias_ih)
     h = context.new_zeros(context.shape)
     out = []
@@ -181,18 +152,19 @@ def decode(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh
     return torch.stack(out, 1)
 
 
-def loss(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
-         *, sos=0, reduction="mean") -> torch.Tensor:
-    hidden = decode(context, teacher_inputs(targets, sos), byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
+def gru_patch_loss_reference(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight,
+                             head_bias, *, sos=0, reduction="mean") -> torch.Tensor:
+    prev = teacher_inputs(targets, sos)
+    hidden = gru_patch_decode_reference(context, prev, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
     logits = F.linear(hidden, head_weight, head_bias).to(acc_dtype(context.dtype))
     out = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1).long(), reduction=reduction)
     return out.view(targets.shape) if reduction == "none" else out
 
 
 @torch.no_grad()
-def sample(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
-           patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, generator=None,
-           byte_table=None) -> torch.Tensor:
+def gru_patch_sample_reference(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
+                               patch_size, temperature=0.0, top_k=None, prefix=None, sos=0, generator=None,
+                               byte_table=None) -> torch.Tensor:
     seed = None if temperature == 0 else draw_seed(generator, context.device)
     return sample_seeded(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
                          patch_size=patch_size, temperature=temperature, top_k=top_k, prefix=prefix, sos=sos,
@@ -221,6 +193,6 @@ def sample_seeded(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, hea
     return out
 
 
-backends.register(DECODE_OP, "reference", decode)
-backends.register(LOSS_OP, "reference", loss)
-backends.register(SAMPLE_OP, "reference", sample)
+backends.register(DECODE_OP, "reference", gru_patch_decode_reference)
+backends.register(LOSS_OP, "reference", gru_patch_loss_reference)
+backends.register(SAMPLE_OP, "reference", gru_patch_sample_reference)

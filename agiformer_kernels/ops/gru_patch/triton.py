@@ -28,6 +28,7 @@ the kernels run through the Triton interpreter (tests only).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -35,8 +36,11 @@ import triton
 import triton.language as tl
 
 from ... import backends
-from .cpp import decode_setup
-from .reference import DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype, draw_seed
+from ..common import register_autograd
+from ._common import (
+    DECODE_OP, LOSS_OP, SAMPLE_OP, VOCAB, acc_dtype, decode_autograd, decode_bwd_fake, decode_fwd_fake, draw_seed,
+    loss_autograd, loss_bwd_fake, loss_fwd_fake, reduce, sample_fake, teacher_inputs, wants_grad,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HIDDEN = 1024  # the head's weight-gradient kernel holds a BLOCK_V × h tile
@@ -284,7 +288,6 @@ def gru_sample_kernel(gc_ptr, table_ptr, w_hh_ptr, b_hh_ptr, hw_ptr, hb_ptr, pre
     """out [M, P] int64 ← bytes; h: [2, M, H] scratch (h_t ping-pongs so a step reads h_{t-1} whole)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    vs = tl.arange(0, V)
     b = tl.zeros([BLOCK_M], tl.int64) + sos
     if not GREEDY:
         s0 = tl.load(seed_ptr).to(tl.uint32)
@@ -405,28 +408,46 @@ def ce_bwd_dw_kernel(h_ptr, hw_ptr, hb_ptr, y_ptr, lse_ptr, g_ptr, dw_ptr, db_pt
 # Launchers
 
 
+# The GPU launch of each recurrence kernel ("fwd", "bwd", "sample"): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+# num_stages); 3 stages is Triton's default on sm_90. ``gpu_config`` swaps one in for a block of calls.
+GPU_CONFIGS = {"fwd": (32, 64, 64, 4, 3), "bwd": (32, 64, 64, 4, 3), "sample": (32, 64, 64, 4, 3)}
+
+
+@contextlib.contextmanager
+def gpu_config(kernel: str, config: tuple[int, int, int, int, int]):
+    """Launch ``kernel``'s recurrence kernel on a GPU with ``config`` (see GPU_CONFIGS) inside the block: what
+    ``benchmarks/tune_gru.py`` times against the default."""
+    if kernel not in GPU_CONFIGS:
+        raise ValueError(f"kernel must be one of {sorted(GPU_CONFIGS)}, got {kernel!r}")
+    if len(config) != 5 or not all(isinstance(c, int) and c >= 1 for c in config):
+        raise ValueError(f"config must be 5 positive ints (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), "
+                         f"got {config!r}")
+    default = GPU_CONFIGS[kernel]
+    GPU_CONFIGS[kernel] = tuple(config)
+    try:
+        yield
+    finally:
+        GPU_CONFIGS[kernel] = default
+
+
 class _Config:
     """Block sizes, warps and dot flags of one call. The interpreter runs programs one after another, so it
-    gets the widest blocks (fewest programs and loop trips); a GPU gets register-sized ones, per recurrence kernel:
-    GPU[kernel] = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), what ``benchmarks/tune_gru.py`` times against
-    others (3 stages: Triton's default on sm_90)."""
-
-    GPU = {"fwd": (32, 64, 64, 4, 3), "bwd": (32, 64, 64, 4, 3), "sample": (32, 64, 64, 4, 3)}
+    gets the widest blocks (fewest programs and loop trips); a GPU gets register-sized ones from GPU_CONFIGS."""
 
     def __init__(self, h: int, dtype: torch.dtype, device: torch.device, kernel: str = "fwd"):
         width = max(16, triton.next_power_of_2(h))
         gpu = device.type == "cuda"
-        block_m, block_n, block_k, self.num_warps, self.num_stages = self.GPU[kernel] if gpu else (256, 256, 256, 4, 1)
+        block_m, block_n, block_k, self.num_warps, self.num_stages = (
+            GPU_CONFIGS[kernel] if gpu else (256, 256, 256, 4, 1))
         if gpu and dtype == torch.float64:
-            # the head's fp64 weight tiles, [BLOCK_K, 256] double-buffered and [256, BLOCK_N], took 288 and 324 KiB
-            # of shared memory at 64 (sm_90 has 227): fp64 sampling and loss failed from h = 64 on (found compiling
-            # for sm_90 without a GPU, tests/sm90_compile.py)
+            # the head's fp64 weight tiles, [BLOCK_K, 256] double-buffered and [256, BLOCK_N], take 288 and 324 KiB
+            # of shared memory at 64 (sm_90 has 227, checked by tests/sm90_compile.py): 32 fits
             block_n, block_k = min(block_n, 32), min(block_k, 32)
         self.block_m = block_m
         self.block_n = min(width, block_n)
         self.block_k = min(width, block_k)
         # the head's weight-gradient kernel holds [BLOCK_R, h] and [h, BLOCK_V] tiles: from 4 KiB rows on (fp32
-        # h = 1024, fp64 h = 512) 32 of each took 265-400 KiB of shared memory on sm_90 (227 there), 16 fit
+        # h = 1024, fp64 h = 512) 32 of each take 265-400 KiB of shared memory on sm_90 (227 there), 16 fit
         narrow_head = width * (8 if dtype == torch.float64 else 4) >= 4096
         self.block_r = (16 if narrow_head else 32) if gpu else 512  # rows of the head kernels
         self.block_v = (16 if narrow_head else 32) if gpu else VOCAB
@@ -499,7 +520,7 @@ def _recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weigh
     bf16 inputs: the fp32 gradient operand of each weight-gradient GEMM is split into bf16 hi + lo and the other
     operand is bf16 (the inputs; h_{t-1} rounded to bf16, as bf16 training holds it), so the GEMMs run on tensor
     cores with fp32 sums, at twice the products, instead of on fp32 cores. The kernel stores dgh split (hi | lo
-    side by side in a row). Storing dgh in bf16 alone would double these gradients' error (it failed the SPEC §3
+    side by side in a row). Storing dgh in bf16 alone would double these gradients' error (it failed the docs/ops.md §3
     rule at M 1000)."""
     (M, h), P = context.shape, prev_bytes.shape[1]
     dtype, a = context.dtype, acc_dtype(context.dtype)
@@ -543,12 +564,7 @@ def decode_fwd(context: torch.Tensor, prev_bytes: torch.Tensor, byte_emb: torch.
     return out, gates, hid if save else hid.new_empty(0)
 
 
-@decode_fwd.register_fake
-def _(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save):
-    (M, h), P = context.shape, prev_bytes.shape[1]
-    a = acc_dtype(context.dtype)
-    hidden_acc = context.new_empty((M, P, h) if save and context.dtype != a else (0,), dtype=a)
-    return context.new_empty(M, P, h), context.new_empty(M if save else 0, P, 4 * h, dtype=a), hidden_acc
+decode_fwd.register_fake(decode_fwd_fake)
 
 
 @torch.library.custom_op("agiformer_kernels::gru_patch_triton_decode_bwd", mutates_args=())
@@ -558,36 +574,20 @@ def decode_bwd(grad_hidden: torch.Tensor, context: torch.Tensor, prev_bytes: tor
     return list(_recurrence_bwd(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates))
 
 
-@decode_bwd.register_fake
-def _(grad_hidden, context, prev_bytes, byte_emb, weight_ih, weight_hh, hidden, gates):
-    return _weight_grads_fake(context)
-
-
-def _weight_grads_fake(context):
-    h = context.shape[1]
-    new = context.new_empty
-    return [new(context.shape), new(VOCAB, h), new(3 * h, 2 * h), new(3 * h, h), new(3 * h), new(3 * h)]
-
-
-@backends.without_autocast
-def _decode_backward(ctx, grad_hidden, _gates, _hidden_acc):
-    if grad_hidden is None:
-        return (None,) * 8
-    dctx, demb, dw_ih, dw_hh, db_ih, db_hh = decode_bwd(grad_hidden, *ctx.saved_tensors)
-    return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, None
-
-
-decode_fwd.register_autograd(_decode_backward, setup_context=decode_setup)
+decode_bwd.register_fake(decode_bwd_fake)
+register_autograd(decode_fwd, decode_autograd(decode_bwd))
 
 
 @torch.library.custom_op("agiformer_kernels::gru_patch_triton_loss_fwd", mutates_args=())
 def loss_fwd(context: torch.Tensor, targets: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Tensor,
              weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor, head_weight: torch.Tensor,
-             head_bias: torch.Tensor, sos: int,
-             save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             head_bias: torch.Tensor, sos: int, save: bool,
+             head_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor]:
+    """The loss; the head's backward is left to ``loss_bwd`` (``head_grad`` is ignored: empty head outputs)."""
     (M, h), P = context.shape, targets.shape[1]
     cfg = _Config(h, context.dtype, context.device)
-    prev = _teacher_bytes(targets, sos)
+    prev = teacher_inputs(targets, sos).contiguous()
     hid, _, gates = _recurrence_fwd(context, prev, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save, False)
     R = M * P
     loss = torch.empty(M, P, dtype=hid.dtype, device=hid.device)
@@ -596,20 +596,11 @@ def loss_fwd(context: torch.Tensor, targets: torch.Tensor, byte_emb: torch.Tenso
         ce_fwd_kernel[(triton.cdiv(R, cfg.block_r),)](
             hid, head_weight.contiguous(), head_bias.contiguous(), targets.contiguous(), loss, lse, R, h,
             BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, V=VOCAB, **cfg.dots())
-    return loss, lse, hid if save else hid.new_empty(0, P, h), gates
+    kept = hid if save else hid.new_empty(0, P, h)
+    return loss, lse, kept, gates, hid.new_empty(0, P, h), hid.new_empty(0), hid.new_empty(0)
 
 
-@loss_fwd.register_fake
-def _(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, sos, save):
-    (M, h), P = context.shape, targets.shape[1]
-    a = acc_dtype(context.dtype)
-    kept = M if save else 0
-    return (context.new_empty(M, P, dtype=a), context.new_empty(M, P, dtype=a),
-            context.new_empty(kept, P, h, dtype=a), context.new_empty(kept, P, 4 * h, dtype=a))
-
-
-def _teacher_bytes(targets, sos):
-    return torch.cat([torch.full_like(targets[:, :1], sos), targets[:, :-1]], 1).contiguous()
+loss_fwd.register_fake(loss_fwd_fake(early_head_grad=False))
 
 
 @torch.library.custom_op("agiformer_kernels::gru_patch_triton_loss_bwd", mutates_args=())
@@ -637,34 +628,13 @@ def loss_bwd(grad_loss: torch.Tensor, context: torch.Tensor, targets: torch.Tens
     else:
         dw.zero_()
         db.zero_()
-    grads = _recurrence_bwd(dH, context, _teacher_bytes(targets, sos), byte_emb, weight_ih, weight_hh, hidden, gates)
+    prev = teacher_inputs(targets, sos).contiguous()
+    grads = _recurrence_bwd(dH, context, prev, byte_emb, weight_ih, weight_hh, hidden, gates)
     return [*grads, dw.sum(0).to(dtype), db.sum(0).to(dtype)]
 
 
-@loss_bwd.register_fake
-def _(grad_loss, context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates, lse, sos):
-    h = context.shape[1]
-    return [*_weight_grads_fake(context), context.new_empty(VOCAB, h), context.new_empty(VOCAB)]
-
-
-def _loss_setup(ctx, inputs, output):
-    context, targets, byte_emb, weight_ih, weight_hh, _, _, head_weight, head_bias, sos, _ = inputs
-    _, lse, hidden, gates = output
-    ctx.mark_non_differentiable(lse, hidden, gates)
-    ctx.set_materialize_grads(False)
-    ctx.sos = sos
-    ctx.save_for_backward(context, targets, byte_emb, weight_ih, weight_hh, head_weight, head_bias, hidden, gates, lse)
-
-
-@backends.without_autocast
-def _loss_backward(ctx, grad_loss, _lse, _hidden, _gates):
-    if grad_loss is None:
-        return (None,) * 11
-    dctx, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb = loss_bwd(grad_loss, *ctx.saved_tensors, ctx.sos)
-    return dctx, None, demb, dw_ih, dw_hh, db_ih, db_hh, dhw, dhb, None, None
-
-
-loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
+loss_bwd.register_fake(loss_bwd_fake)
+register_autograd(loss_fwd, loss_autograd(loss_bwd, decode_bwd))
 
 
 @torch.library.custom_op("agiformer_kernels::gru_patch_triton_sample", mutates_args=())
@@ -690,41 +660,30 @@ def sample_op(context: torch.Tensor, byte_emb: torch.Tensor, weight_ih: torch.Te
     return out
 
 
-@sample_op.register_fake
-def _(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, patch_size, temperature,
-      top_k, prefix, sos, seed, byte_table):
-    return context.new_empty(context.shape[0], patch_size, dtype=torch.int64)
+sample_op.register_fake(sample_fake)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backend functions
 
 
-def _wants_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def decode_triton(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh):
-    save = _wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
+def gru_patch_decode_triton(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh):
+    save = wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh)
     hidden, _, _ = decode_fwd(context, prev_bytes, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, save)
     return hidden
 
 
-def loss_triton(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, sos,
-                reduction):
-    save = _wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
-    loss, _, _, _ = loss_fwd(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight,
-                             head_bias, sos, save)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+def gru_patch_loss_triton(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias,
+                          *, sos, reduction):
+    save = wants_grad(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias)
+    loss = loss_fwd(context, targets, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, sos,
+                    save, False)[0]
+    return reduce(loss, reduction)
 
 
 @torch.no_grad()
-def sample_triton(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *, patch_size,
-                  temperature, top_k, prefix, sos, generator, byte_table):
+def gru_patch_sample_triton(context, byte_emb, weight_ih, weight_hh, bias_ih, bias_hh, head_weight, head_bias, *,
+                            patch_size, temperature, top_k, prefix, sos, generator, byte_table):
     seed = draw_seed(generator, context.device) if temperature > 0 else None
     if prefix is not None and prefix.shape[1] == 0:
         prefix = None
@@ -746,6 +705,6 @@ def _check_loss(context, *args, **kwargs):
     return _check(context)
 
 
-backends.register(DECODE_OP, "triton", decode_triton, check=_check, available=backends.triton_unavailable)
-backends.register(LOSS_OP, "triton", loss_triton, check=_check_loss, available=backends.triton_unavailable)
-backends.register(SAMPLE_OP, "triton", sample_triton, check=_check, available=backends.triton_unavailable)
+backends.register(DECODE_OP, "triton", gru_patch_decode_triton, check=_check, available=backends.triton_unavailable)
+backends.register(LOSS_OP, "triton", gru_patch_loss_triton, check=_check_loss, available=backends.triton_unavailable)
+backends.register(SAMPLE_OP, "triton", gru_patch_sample_triton, check=_check, available=backends.triton_unavailable)

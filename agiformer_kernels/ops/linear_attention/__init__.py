@@ -1,18 +1,19 @@
-"""Causal linear attention (SPEC §1.1) and its one-token decode step."""
+"""Causal linear attention (docs/ops.md §1.1) and its one-token decode step."""
 
 from __future__ import annotations
 
-import math
+import importlib.util
 from typing import Optional
 
 import torch
 
 from ... import backends
-from ..common import FLOAT_DTYPES, check_float, check_index, check_same, check_shape
-from . import cpp, reference, triton  # noqa: F401  (each registers its backends)
-from .reference import State, acc_dtype
+from ..common import FLOAT_DTYPES, check_cu_seqlens, check_float, check_qkv, check_scale, check_shape
+from . import cpp, reference  # noqa: F401  (each registers its backends)
+from ._common import FEATURE_MAPS, OP, STEP_OP, State, acc_dtype
 
-FEATURE_MAPS = ("elu+1", "identity")
+if importlib.util.find_spec("triton") is not None:
+    from . import triton  # noqa: F401  (registers the "triton" backends)
 
 
 def _check_options(feature_map: str, eps: float) -> None:
@@ -36,25 +37,6 @@ def _check_state(name: str, state: object, n: int, H: int, D: int, Dv: int, dtyp
         if t.device != device:
             raise ValueError(f"{part} is on {t.device} but q is on {device}")
     return S, z
-
-
-def _check_cu_seqlens(cu_seqlens: object, B: int, L: int, device) -> torch.Tensor:
-    check_index("cu_seqlens", cu_seqlens, 1)
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if B != 1:
-        raise ValueError(f"cu_seqlens needs a packed batch of B = 1, got q with B = {B}")
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold at least 2 offsets, got {cu_seqlens.numel()}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    if not torch.compiler.is_compiling():
-        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        if first != 0 or last != L:
-            raise ValueError(f"cu_seqlens must run from 0 to L = {L}, got {first} .. {last}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
-    return cu_seqlens
 
 
 @backends.without_autocast
@@ -83,40 +65,33 @@ def linear_attention(
         initial_state: (S_0 [N, H, D, Dv], z_0 [N, H, D]) in fp32 (fp64 for fp64 inputs), N = B,
             or the number of segments with ``cu_seqlens``.
         output_final_state: also return (S_L, z_L), same shapes and dtype as the initial state.
-        cu_seqlens: int32 [n + 1] offsets of n independent segments in a packed batch of B = 1.
+        cu_seqlens: int32/int64 [n + 1] offsets of n independent segments in a packed batch of B = 1.
         backend: None/"auto", "reference", "cpu", "triton" or "cuda".
 
     Returns:
         o [B, L, H, Dv] in q's dtype, or (o, (S_L, z_L)) with ``output_final_state``.
     """
-    check_float("q", q, 4)
-    check_float("k", k, 4)
-    check_float("v", v, 4)
-    check_same(("q", "k", "v"), (q, k, v), "dtype")
-    check_same(("q", "k", "v"), (q, k, v), "device")
+    check_qkv(q, k, v, "[B, L, H, D]")
     B, L, H, D = q.shape
-    check_shape("k", k, (B, L, H, D), "q's [B, L, H, D]")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must have shape [B, L, H, Dv] with q's B, L, H = {(B, L, H)}, got {tuple(v.shape)}")
     Dv = v.shape[3]
     _check_options(feature_map, eps)
     n = B
     if cu_seqlens is not None:
-        cu_seqlens = _check_cu_seqlens(cu_seqlens, B, L, q.device)
+        cu_seqlens = check_cu_seqlens(cu_seqlens, q)
         n = cu_seqlens.numel() - 1
     if initial_state is not None:
         initial_state = _check_state("initial_state", initial_state, n, H, D, Dv, acc_dtype(q.dtype), q.device)
     kwargs = dict(
         feature_map=feature_map,
         feature_eps=float(feature_eps),
-        scale=float(1.0 / math.sqrt(D) if scale is None else scale),
+        scale=check_scale(scale, D),
         eps=float(eps),
         normalize=bool(normalize),
         initial_state=initial_state,
         output_final_state=bool(output_final_state),
         cu_seqlens=cu_seqlens,
     )
-    return backends.select("linear_attention", backend, q.device, q, k, v, **kwargs)(q, k, v, **kwargs)
+    return backends.select(OP, backend, q.device, q, k, v, **kwargs)(q, k, v, **kwargs)
 
 
 @backends.without_autocast
@@ -144,21 +119,14 @@ def linear_attention_step(
         o [B, H, Dv] = q̂ᵀS / (q̂ᵀz + eps) in q's dtype (after the update). Inference only: no autograd.
     """
     if not _step_inputs_ok(q, k, v, state):  # the full checks, for their error messages
-        check_float("q", q, 3)
-        check_float("k", k, 3)
-        check_float("v", v, 3)
-        check_same(("q", "k", "v"), (q, k, v), "dtype")
-        check_same(("q", "k", "v"), (q, k, v), "device")
-        check_shape("k", k, q.shape, "q's [B, H, D]")
-        if v.shape[:2] != q.shape[:2]:
-            raise ValueError(f"v must have shape [B, H, Dv] with q's B, H = {tuple(q.shape[:2])}, got {tuple(v.shape)}")
+        check_qkv(q, k, v, "[B, H, D]")
         _check_state("state", state, q.shape[0], q.shape[1], q.shape[2], v.shape[2], acc_dtype(q.dtype), q.device)
     if not (feature_map == "elu+1" or feature_map == "identity") or eps < 0:
         _check_options(feature_map, eps)
     # Called once per generated token: keyword arguments spelled out, no dict to build and unpack.
-    scale = float(q.shape[2] ** -0.5 if scale is None else scale)
+    scale = float(q.shape[2] ** -0.5) if scale is None else check_scale(scale, q.shape[2])
     feature_eps, eps, normalize = float(feature_eps), float(eps), bool(normalize)
-    fn = backends.select("linear_attention_step", backend, q.device, q, k, v, state)  # checks need no options
+    fn = backends.select(STEP_OP, backend, q.device, q, k, v, state)  # checks need no options
     if torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or state[0].requires_grad or state[1].requires_grad
     ):

@@ -1,7 +1,7 @@
-"""Causal linear attention in pure PyTorch (SPEC §1.1).
+"""Causal linear attention in pure PyTorch (docs/ops.md §1.1).
 
-``linear_attention_naive`` is the oracle: the recurrence over t written straight from the math.
-``linear_attention_chunked`` is the fallback, and the strong pure-PyTorch baseline the kernels are
+``naive_linear_attention`` is the oracle: the recurrence over t written straight from the math.
+``linear_attention_reference`` is the fallback, and the strong pure-PyTorch baseline the kernels are
 measured against: every chunk of C tokens in single batched matmuls, the inter-chunk states by an
 exclusive cumsum. Its memory is O(L·C) for the masked intra-chunk scores plus O(L/C·D·Dv) states.
 Both accumulate in fp32 (fp64 for fp64 inputs) and return the output in the input dtype.
@@ -9,21 +9,12 @@ Both accumulate in fp32 (fp64 for fp64 inputs) and return the output in the inpu
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ... import backends
-
-CHUNK = 64
-
-State = tuple[torch.Tensor, torch.Tensor]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation (and state) dtype for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._common import CHUNK, OP, STEP_OP, acc_dtype
 
 
 def feature(x: torch.Tensor, feature_map: str, feature_eps: float) -> torch.Tensor:
@@ -34,20 +25,8 @@ def feature(x: torch.Tensor, feature_map: str, feature_eps: float) -> torch.Tens
     return F.elu(x) + (1.0 + feature_eps)
 
 
-def linear_attention_naive(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    feature_map: str,
-    feature_eps: float,
-    scale: float,
-    eps: float,
-    normalize: bool,
-    initial_state: Optional[State],
-    output_final_state: bool,
-    cu_seqlens: Optional[torch.Tensor],
-):
+def naive_linear_attention(q, k, v, *, feature_map, feature_eps, scale, eps, normalize, initial_state,
+                           output_final_state, cu_seqlens):
     """S_t = S_0 + Σ_{s≤t} k̂_s v_sᵀ, z_t = z_0 + Σ_{s≤t} k̂_s, o_t = q̂_tᵀS_t / (q̂_tᵀz_t + eps), one t at a
     time."""
     B, L, H, D = q.shape
@@ -106,21 +85,8 @@ def _batch_to_segments(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tenso
     return x[seg, pos][None]
 
 
-def linear_attention_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    feature_map: str,
-    feature_eps: float,
-    scale: float,
-    eps: float,
-    normalize: bool,
-    initial_state: Optional[State],
-    output_final_state: bool,
-    cu_seqlens: Optional[torch.Tensor],
-    chunk: int = CHUNK,
-):
+def linear_attention_reference(q, k, v, *, feature_map, feature_eps, scale, eps, normalize, initial_state,
+                               output_final_state, cu_seqlens, chunk=CHUNK):
     """The same op with every chunk in one batched matmul and an exclusive cumsum over chunk states.
 
     v gets a column of ones, so the normalizer rides along in every matmul: [S | z] is one state and
@@ -172,18 +138,8 @@ def linear_attention_chunked(
     return o, (final[..., :Dv].contiguous(), final[..., Dv].contiguous())
 
 
-def linear_attention_step_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: State,
-    *,
-    feature_map: str,
-    feature_eps: float,
-    scale: float,
-    eps: float,
-    normalize: bool,
-) -> torch.Tensor:
+def linear_attention_step_reference(q, k, v, state, *, feature_map, feature_eps, scale, eps,
+                                    normalize) -> torch.Tensor:
     """One token: S += k̂ vᵀ, z += k̂ (in place), o = q̂ᵀS / (q̂ᵀz + eps)."""
     S, z = state
     qh = feature(q, feature_map, feature_eps).to(S.dtype) * scale
@@ -196,5 +152,5 @@ def linear_attention_step_reference(
     return num.to(q.dtype)
 
 
-backends.register("linear_attention", "reference", linear_attention_chunked)
-backends.register("linear_attention_step", "reference", linear_attention_step_reference)
+backends.register(OP, "reference", linear_attention_reference)
+backends.register(STEP_OP, "reference", linear_attention_step_reference)

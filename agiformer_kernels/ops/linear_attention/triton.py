@@ -1,4 +1,4 @@
-"""Triton kernels for causal linear attention (SPEC §1.1), the "triton" backend.
+"""Triton kernels for causal linear attention (docs/ops.md §1.1), the "triton" backend.
 
 Chunked in C = 64 tokens, three phases per direction, feature map and normalizer fused throughout:
 
@@ -15,297 +15,305 @@ The backward reads the forward's chunk states instead of recomputing them: they 
 same order as q itself at D = Dv = C, and rebuilding them would repeat the sequential sweep.
 Accumulation and states are fp32 (fp64 for fp64 inputs). Dots on fp32/fp64 inputs are exact ("ieee");
 on bf16 inputs q̂, k̂ stay fp32 and the dots run as tf32 (11 significant bits to bf16's 8); on fp16
-inputs as tf32x3 (three tf32 products, near fp32): plain tf32 has no more bits than fp16 itself, and
-on an H100 that put the fp16 gradients at 1.0006x the SPEC's twice-the-reference limit.
+inputs as tf32x3 (three tf32 products, near fp32): plain tf32 has no more bits than fp16 itself, which
+puts the fp16 gradients at the edge of docs/ops.md §3's twice-the-reference limit.
 D and Dv up to 128 (larger head dims fall back).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from ... import backends
-from .cpp import CHUNK, _last_contiguous, chunk_rows, run_forward  # the C++ kernels' row layout and calls
-from .reference import State, acc_dtype
+from ..common import register_autograd
+from ._common import (
+    CHUNK, OP, STEP_OP, acc_dtype, autograd, bwd_fake, check_step_state, chunk_rows, fwd_fake,
+    last_contiguous, run_forward, step_fake,
+)
 
 MAX_HEAD_DIM = 128
 MAX_HEAD_DIM_FP64_GPU = 32
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-if HAVE_TRITON:
-    import triton
-    import triton.language as tl
+@triton.jit
+def _acc_scalar(x, ACC: tl.constexpr):
+    # The kernels' float arguments are annotated fp64 (Triton passes a Python float as fp32 otherwise,
+    # and a float64 call's eps, rounded to fp32, was its largest error): used in the accumulation dtype.
+    return tl.full([], x, ACC)
 
-    @triton.jit
-    def _acc_scalar(x, ACC: tl.constexpr):
-        # The kernels' float arguments are annotated fp64 (Triton passes a Python float as fp32 otherwise,
-        # and a float64 call's eps, rounded to fp32, was its largest error): used in the accumulation dtype.
-        return tl.full([], x, ACC)
 
-    @triton.jit
-    def _feature(x, ELU: tl.constexpr, feature_eps):
-        # elu(x) + 1 + eps: exp(x) + eps for x <= 0 avoids the cancellation of (exp(x) - 1) + 1.
-        if ELU:
-            return tl.where(x > 0, x + 1.0 + feature_eps, tl.exp(tl.minimum(x, 0.0)) + feature_eps)
-        else:
-            return x
+@triton.jit
+def _feature(x, ELU: tl.constexpr, feature_eps):
+    # elu(x) + 1 + eps: exp(x) + eps for x <= 0 avoids the cancellation of (exp(x) - 1) + 1.
+    if ELU:
+        return tl.where(x > 0, x + 1.0 + feature_eps, tl.exp(tl.minimum(x, 0.0)) + feature_eps)
+    else:
+        return x
 
-    @triton.jit
-    def _feature_grad(x, ELU: tl.constexpr):
-        if ELU:
-            return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
-        else:
-            return tl.full(x.shape, 1.0, x.dtype)
 
-    @triton.jit
-    def _sequence(pid_sh, cu_seqlens, H, L, NC, C: tl.constexpr, PACKED: tl.constexpr):
-        """(batch row, head, first token, length, first chunk-state row) of program pid_sh = seq·H + h."""
-        seq = pid_sh // H
-        h = pid_sh % H
-        if PACKED:
-            start = tl.load(cu_seqlens + seq).to(tl.int64)
-            end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
-            return 0, h, start, end - start, start // C + seq
-        else:
-            return seq, h, 0, L, seq * NC
+@triton.jit
+def _feature_grad(x, ELU: tl.constexpr):
+    if ELU:
+        return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+    else:
+        return tl.full(x.shape, 1.0, x.dtype)
 
-    @triton.jit
-    def _chunk(pid_c, cu_seqlens, chunk_seq, chunk_idx, L, NC, C: tl.constexpr, PACKED: tl.constexpr):
-        """(batch row, first token, length, chunk-state row, chunk index) of chunk program pid_c."""
-        if PACKED:
-            seq = tl.load(chunk_seq + pid_c).to(tl.int64)
-            c = tl.load(chunk_idx + pid_c).to(tl.int64)
-            start = tl.load(cu_seqlens + seq).to(tl.int64)
-            length = tl.load(cu_seqlens + seq + 1).to(tl.int64) - start
-            return 0, start, length, start // C + seq + c, c
-        else:
-            return pid_c // NC, 0, L, pid_c, pid_c % NC
 
-    @triton.jit
-    def chunk_states_fwd_kernel(
-        k, v, S0, z0, S_out, z_out, chunk_S, chunk_z, cu_seqlens,
-        s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
-        H, L, D, Dv, NC, feature_eps: tl.float64,
-        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr,
-        HAS_S0: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
-    ):
-        feature_eps = _acc_scalar(feature_eps, ACC)
-        # grid (D / BK, Dv / BV, sequences · H); S [BK × BV] and z [BK] stay in registers.
-        pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, h, start, length, base = _sequence(pid_sh, cu_seqlens, H, L, NC, C, PACKED)
-        d = pid_k * BK + tl.arange(0, BK)
-        j = pid_v * BV + tl.arange(0, BV)
-        md, mj = d < D, j < Dv
-        state = pid_sh * D * Dv + d[:, None] * Dv + j[None, :]
-        if HAS_S0:
-            S = tl.load(S0 + state, mask=md[:, None] & mj[None, :], other=0.0).to(ACC)
-            z = tl.load(z0 + pid_sh * D + d, mask=md, other=0.0).to(ACC)
-        else:
-            S = tl.zeros((BK, BV), dtype=ACC)
-            z = tl.zeros((BK,), dtype=ACC)
-        t = tl.arange(0, C)
-        for c in range(0, tl.cdiv(length, C)):
-            row = (base + c) * H + h
-            tl.store(chunk_S + row * D * Dv + d[:, None] * Dv + j[None, :], S, mask=md[:, None] & mj[None, :])
-            if pid_v == 0:
-                tl.store(chunk_z + row * D + d, z, mask=md)
-            tok = start + c * C + t
-            mt = c * C + t < length
-            kk = tl.load(k + b * s_kb + tok[:, None] * s_kl + h * s_kh + d[None, :], mask=mt[:, None] & md[None, :])
-            kh = tl.where(mt[:, None] & md[None, :], _feature(kk.to(ACC), ELU, feature_eps), 0.0)
-            vv = tl.load(v + b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :], mask=mt[:, None] & mj[None, :],
-                         other=0.0).to(ACC)
-            S += tl.dot(tl.trans(kh), vv, input_precision="ieee")
-            z += tl.sum(kh, 0)
-        tl.store(S_out + state, S, mask=md[:, None] & mj[None, :])
+@triton.jit
+def _sequence(pid_sh, cu_seqlens, H, L, NC, C: tl.constexpr, PACKED: tl.constexpr):
+    """(batch row, head, first token, length, first chunk-state row) of program pid_sh = seq·H + h."""
+    seq = pid_sh // H
+    h = pid_sh % H
+    if PACKED:
+        start = tl.load(cu_seqlens + seq).to(tl.int64)
+        end = tl.load(cu_seqlens + seq + 1).to(tl.int64)
+        return 0, h, start, end - start, start // C + seq
+    else:
+        return seq, h, 0, L, seq * NC
+
+
+@triton.jit
+def _chunk(pid_c, cu_seqlens, chunk_seq, chunk_idx, L, NC, C: tl.constexpr, PACKED: tl.constexpr):
+    """(batch row, first token, length, chunk-state row, chunk index) of chunk program pid_c."""
+    if PACKED:
+        seq = tl.load(chunk_seq + pid_c).to(tl.int64)
+        c = tl.load(chunk_idx + pid_c).to(tl.int64)
+        start = tl.load(cu_seqlens + seq).to(tl.int64)
+        length = tl.load(cu_seqlens + seq + 1).to(tl.int64) - start
+        return 0, start, length, start // C + seq + c, c
+    else:
+        return pid_c // NC, 0, L, pid_c, pid_c % NC
+
+
+@triton.jit
+def chunk_states_fwd_kernel(
+    k, v, S0, z0, S_out, z_out, chunk_S, chunk_z, cu_seqlens,
+    s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
+    H, L, D, Dv, NC, feature_eps: tl.float64,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr,
+    HAS_S0: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
+):
+    feature_eps = _acc_scalar(feature_eps, ACC)
+    # grid (D / BK, Dv / BV, sequences · H); S [BK × BV] and z [BK] stay in registers.
+    pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h, start, length, base = _sequence(pid_sh, cu_seqlens, H, L, NC, C, PACKED)
+    d = pid_k * BK + tl.arange(0, BK)
+    j = pid_v * BV + tl.arange(0, BV)
+    md, mj = d < D, j < Dv
+    state = pid_sh * D * Dv + d[:, None] * Dv + j[None, :]
+    if HAS_S0:
+        S = tl.load(S0 + state, mask=md[:, None] & mj[None, :], other=0.0).to(ACC)
+        z = tl.load(z0 + pid_sh * D + d, mask=md, other=0.0).to(ACC)
+    else:
+        S = tl.zeros((BK, BV), dtype=ACC)
+        z = tl.zeros((BK,), dtype=ACC)
+    t = tl.arange(0, C)
+    for c in range(0, tl.cdiv(length, C)):
+        row = (base + c) * H + h
+        tl.store(chunk_S + row * D * Dv + d[:, None] * Dv + j[None, :], S, mask=md[:, None] & mj[None, :])
         if pid_v == 0:
-            tl.store(z_out + pid_sh * D + d, z, mask=md)
-
-    @triton.jit
-    def chunk_output_fwd_kernel(
-        q, k, v, o, den, chunk_S, chunk_z, cu_seqlens, chunk_seq, chunk_idx,
-        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
-        H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64, eps: tl.float64,
-        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr,
-        PACKED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        feature_eps, scale, eps = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC), _acc_scalar(eps, ACC)
-        # grid (chunks, H, Dv / BV); q̂, k̂ [C × BK] (all of D), v [C × BV], scores [C × C] on chip.
-        pid_c, h, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, start, length, row, c = _chunk(pid_c, cu_seqlens, chunk_seq, chunk_idx, L, NC, C, PACKED)
-        row = row * H + h
-        t = tl.arange(0, C)
-        d = tl.arange(0, BK)
-        j = pid_v * BV + tl.arange(0, BV)
-        md, mj = d < D, j < Dv
+            tl.store(chunk_z + row * D + d, z, mask=md)
         tok = start + c * C + t
         mt = c * C + t < length
-        mq = mt[:, None] & md[None, :]
-        qq = tl.load(q + b * s_qb + tok[:, None] * s_ql + h * s_qh + d[None, :], mask=mq, other=0.0).to(ACC)
-        kk = tl.load(k + b * s_kb + tok[:, None] * s_kl + h * s_kh + d[None, :], mask=mq, other=0.0).to(ACC)
-        qh = tl.where(mq, _feature(qq, ELU, feature_eps) * scale, 0.0)
-        kh = tl.where(mq, _feature(kk, ELU, feature_eps), 0.0)
+        kk = tl.load(k + b * s_kb + tok[:, None] * s_kl + h * s_kh + d[None, :], mask=mt[:, None] & md[None, :])
+        kh = tl.where(mt[:, None] & md[None, :], _feature(kk.to(ACC), ELU, feature_eps), 0.0)
         vv = tl.load(v + b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :], mask=mt[:, None] & mj[None, :],
                      other=0.0).to(ACC)
-        S = tl.load(chunk_S + row * D * Dv + d[:, None] * Dv + j[None, :], mask=md[:, None] & mj[None, :], other=0.0)
-        A = tl.dot(qh, tl.trans(kh), input_precision=PRECISION)
-        A = tl.where(t[:, None] >= t[None, :], A, 0.0)
-        num = tl.dot(qh, S, input_precision=PRECISION) + tl.dot(A, vv, input_precision=PRECISION)
-        if NORMALIZE:
-            z = tl.load(chunk_z + row * D + d, mask=md, other=0.0)
-            dn = tl.sum(A, 1) + tl.sum(qh * z[None, :], 1) + eps
-            num = num / dn[:, None]
-            if pid_v == 0:
-                tl.store(den + (b * H + h) * L + tok, dn, mask=mt)
-        tl.store(o + b * s_ob + tok[:, None] * s_ol + h * s_oh + j[None, :], num.to(o.dtype.element_ty),
-                 mask=mt[:, None] & mj[None, :])
+        S += tl.dot(tl.trans(kh), vv, input_precision="ieee")
+        z += tl.sum(kh, 0)
+    tl.store(S_out + state, S, mask=md[:, None] & mj[None, :])
+    if pid_v == 0:
+        tl.store(z_out + pid_sh * D + d, z, mask=md)
 
-    @triton.jit
-    def chunk_dstates_bwd_kernel(
-        q, do, o, den, dS_in, dz_in, chunk_dS, chunk_dz, dS0, dz0, cu_seqlens,
-        s_qb, s_ql, s_qh, s_vb, s_vl, s_vh,
-        H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64,
-        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, ELU: tl.constexpr,
-        NORMALIZE: tl.constexpr, HAS_DS: tl.constexpr, HAS_DZ: tl.constexpr, PACKED: tl.constexpr,
-        ACC: tl.constexpr,
-    ):
-        feature_eps, scale = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC)
-        # grid (D / BK, Dv / BV, sequences · H); dS [BK × BV], dz [BK] in registers, chunks in reverse.
-        # dden = -(do·o)/den needs whole rows of do and o (BVF ≥ Dv): only the Dv block 0 carries dz.
-        pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b, h, start, length, base = _sequence(pid_sh, cu_seqlens, H, L, NC, C, PACKED)
-        d = pid_k * BK + tl.arange(0, BK)
-        j = pid_v * BV + tl.arange(0, BV)
-        jf = tl.arange(0, BVF)
-        md, mj = d < D, j < Dv
-        state = pid_sh * D * Dv + d[:, None] * Dv + j[None, :]
-        if HAS_DS:
-            dS = tl.load(dS_in + state, mask=md[:, None] & mj[None, :], other=0.0).to(ACC)
-        else:
-            dS = tl.zeros((BK, BV), dtype=ACC)
-        if HAS_DZ:
-            dz = tl.load(dz_in + pid_sh * D + d, mask=md, other=0.0).to(ACC)
-        else:
-            dz = tl.zeros((BK,), dtype=ACC)
-        t = tl.arange(0, C)
-        n_chunks = tl.cdiv(length, C)
-        for i in range(0, n_chunks):
-            c = n_chunks - 1 - i
-            row = (base + c) * H + h
-            tl.store(chunk_dS + row * D * Dv + d[:, None] * Dv + j[None, :], dS, mask=md[:, None] & mj[None, :])
-            if pid_v == 0:
-                tl.store(chunk_dz + row * D + d, dz, mask=md)
-            tok = start + c * C + t
-            mt = c * C + t < length
-            mq = mt[:, None] & md[None, :]
-            qq = tl.load(q + b * s_qb + tok[:, None] * s_ql + h * s_qh + d[None, :], mask=mq, other=0.0).to(ACC)
-            qh = tl.where(mq, _feature(qq, ELU, feature_eps) * scale, 0.0)
-            G = tl.load(do + b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :], mask=mt[:, None] & mj[None, :],
-                        other=0.0).to(ACC)
-            if NORMALIZE:
-                dn = tl.load(den + (b * H + h) * L + tok, mask=mt, other=1.0)
-                G = G / dn[:, None]
-            dS += tl.dot(tl.trans(qh), G, input_precision="ieee")
-            if NORMALIZE:
-                if pid_v == 0:
-                    mf = mt[:, None] & (jf < Dv)[None, :]
-                    off = b * s_vb + tok[:, None] * s_vl + h * s_vh + jf[None, :]
-                    dof = tl.load(do + off, mask=mf, other=0.0).to(ACC)
-                    of = tl.load(o + off, mask=mf, other=0.0).to(ACC)
-                    g = -tl.sum(dof * of, 1) / dn
-                    dz += tl.sum(qh * g[:, None], 0)
-        tl.store(dS0 + state, dS, mask=md[:, None] & mj[None, :])
+
+@triton.jit
+def chunk_output_fwd_kernel(
+    q, k, v, o, den, chunk_S, chunk_z, cu_seqlens, chunk_seq, chunk_idx,
+    s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+    H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64, eps: tl.float64,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr,
+    PACKED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    feature_eps, scale, eps = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC), _acc_scalar(eps, ACC)
+    # grid (chunks, H, Dv / BV); q̂, k̂ [C × BK] (all of D), v [C × BV], scores [C × C] on chip.
+    pid_c, h, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, start, length, row, c = _chunk(pid_c, cu_seqlens, chunk_seq, chunk_idx, L, NC, C, PACKED)
+    row = row * H + h
+    t = tl.arange(0, C)
+    d = tl.arange(0, BK)
+    j = pid_v * BV + tl.arange(0, BV)
+    md, mj = d < D, j < Dv
+    tok = start + c * C + t
+    mt = c * C + t < length
+    mq = mt[:, None] & md[None, :]
+    qq = tl.load(q + b * s_qb + tok[:, None] * s_ql + h * s_qh + d[None, :], mask=mq, other=0.0).to(ACC)
+    kk = tl.load(k + b * s_kb + tok[:, None] * s_kl + h * s_kh + d[None, :], mask=mq, other=0.0).to(ACC)
+    qh = tl.where(mq, _feature(qq, ELU, feature_eps) * scale, 0.0)
+    kh = tl.where(mq, _feature(kk, ELU, feature_eps), 0.0)
+    vv = tl.load(v + b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :], mask=mt[:, None] & mj[None, :],
+                 other=0.0).to(ACC)
+    S = tl.load(chunk_S + row * D * Dv + d[:, None] * Dv + j[None, :], mask=md[:, None] & mj[None, :], other=0.0)
+    A = tl.dot(qh, tl.trans(kh), input_precision=PRECISION)
+    A = tl.where(t[:, None] >= t[None, :], A, 0.0)
+    num = tl.dot(qh, S, input_precision=PRECISION) + tl.dot(A, vv, input_precision=PRECISION)
+    if NORMALIZE:
+        z = tl.load(chunk_z + row * D + d, mask=md, other=0.0)
+        dn = tl.sum(A, 1) + tl.sum(qh * z[None, :], 1) + eps
+        num = num / dn[:, None]
         if pid_v == 0:
-            tl.store(dz0 + pid_sh * D + d, dz, mask=md)
+            tl.store(den + (b * H + h) * L + tok, dn, mask=mt)
+    tl.store(o + b * s_ob + tok[:, None] * s_ol + h * s_oh + j[None, :], num.to(o.dtype.element_ty),
+             mask=mt[:, None] & mj[None, :])
 
-    @triton.jit
-    def chunk_grads_bwd_kernel(
-        q, k, v, do, o, den, chunk_S, chunk_z, chunk_dS, chunk_dz, dq, dk, dv, cu_seqlens, chunk_seq, chunk_idx,
-        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
-        H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64,
-        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr,
-        PACKED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        feature_eps, scale = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC)
-        # grid (chunks, H); q̂, k̂ [C × BK], v, do [C × BV], scores and their gradient [C × C], the saved
-        # states [BK × BV] on chip. dq, dk, dv are written contiguous [B, L, H, ·] (strides s_o*).
-        pid_c, h = tl.program_id(0), tl.program_id(1)
-        b, start, length, row, c = _chunk(pid_c, cu_seqlens, chunk_seq, chunk_idx, L, NC, C, PACKED)
-        row = row * H + h
-        t = tl.arange(0, C)
-        d = tl.arange(0, BK)
-        j = tl.arange(0, BV)
-        md, mj = d < D, j < Dv
+
+@triton.jit
+def chunk_dstates_bwd_kernel(
+    q, do, o, den, dS_in, dz_in, chunk_dS, chunk_dz, dS0, dz0, cu_seqlens,
+    s_qb, s_ql, s_qh, s_vb, s_vl, s_vh,
+    H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, ELU: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_DS: tl.constexpr, HAS_DZ: tl.constexpr, PACKED: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    feature_eps, scale = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC)
+    # grid (D / BK, Dv / BV, sequences · H); dS [BK × BV], dz [BK] in registers, chunks in reverse.
+    # dden = -(do·o)/den needs whole rows of do and o (BVF ≥ Dv): only the Dv block 0 carries dz.
+    pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h, start, length, base = _sequence(pid_sh, cu_seqlens, H, L, NC, C, PACKED)
+    d = pid_k * BK + tl.arange(0, BK)
+    j = pid_v * BV + tl.arange(0, BV)
+    jf = tl.arange(0, BVF)
+    md, mj = d < D, j < Dv
+    state = pid_sh * D * Dv + d[:, None] * Dv + j[None, :]
+    if HAS_DS:
+        dS = tl.load(dS_in + state, mask=md[:, None] & mj[None, :], other=0.0).to(ACC)
+    else:
+        dS = tl.zeros((BK, BV), dtype=ACC)
+    if HAS_DZ:
+        dz = tl.load(dz_in + pid_sh * D + d, mask=md, other=0.0).to(ACC)
+    else:
+        dz = tl.zeros((BK,), dtype=ACC)
+    t = tl.arange(0, C)
+    n_chunks = tl.cdiv(length, C)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        row = (base + c) * H + h
+        tl.store(chunk_dS + row * D * Dv + d[:, None] * Dv + j[None, :], dS, mask=md[:, None] & mj[None, :])
+        if pid_v == 0:
+            tl.store(chunk_dz + row * D + d, dz, mask=md)
         tok = start + c * C + t
         mt = c * C + t < length
         mq = mt[:, None] & md[None, :]
-        mv = mt[:, None] & mj[None, :]
         qq = tl.load(q + b * s_qb + tok[:, None] * s_ql + h * s_qh + d[None, :], mask=mq, other=0.0).to(ACC)
-        kk = tl.load(k + b * s_kb + tok[:, None] * s_kl + h * s_kh + d[None, :], mask=mq, other=0.0).to(ACC)
         qh = tl.where(mq, _feature(qq, ELU, feature_eps) * scale, 0.0)
-        kh = tl.where(mq, _feature(kk, ELU, feature_eps), 0.0)
-        voff = b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :]
-        vv = tl.load(v + voff, mask=mv, other=0.0).to(ACC)
-        G = tl.load(do + voff, mask=mv, other=0.0).to(ACC)
-        causal = t[:, None] >= t[None, :]
+        G = tl.load(do + b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :], mask=mt[:, None] & mj[None, :],
+                    other=0.0).to(ACC)
         if NORMALIZE:
             dn = tl.load(den + (b * H + h) * L + tok, mask=mt, other=1.0)
-            g = -tl.sum(G * tl.load(o + voff, mask=mv, other=0.0).to(ACC), 1) / dn
             G = G / dn[:, None]
-            Bm = tl.where(causal, tl.dot(G, tl.trans(vv), input_precision=PRECISION) + g[:, None], 0.0)
-        else:
-            Bm = tl.where(causal, tl.dot(G, tl.trans(vv), input_precision=PRECISION), 0.0)
-        A = tl.where(causal, tl.dot(qh, tl.trans(kh), input_precision=PRECISION), 0.0)
-        soff = row * D * Dv + d[:, None] * Dv + j[None, :]
-        ms = md[:, None] & mj[None, :]
-        S = tl.load(chunk_S + soff, mask=ms, other=0.0)
-        dqh = tl.dot(Bm, kh, input_precision=PRECISION) + tl.dot(G, tl.trans(S), input_precision=PRECISION)
+        dS += tl.dot(tl.trans(qh), G, input_precision="ieee")
         if NORMALIZE:
-            z = tl.load(chunk_z + row * D + d, mask=md, other=0.0)
-            dqh += g[:, None] * z[None, :]
-        dS = tl.load(chunk_dS + soff, mask=ms, other=0.0)
-        dz = tl.load(chunk_dz + row * D + d, mask=md, other=0.0)
-        dkh = tl.dot(tl.trans(Bm), qh, input_precision=PRECISION) + tl.dot(vv, tl.trans(dS), input_precision=PRECISION)
-        dkh += dz[None, :]
-        dvv = tl.dot(tl.trans(A), G, input_precision=PRECISION) + tl.dot(kh, dS, input_precision=PRECISION)
-        out = b * s_ob + tok[:, None] * s_ol + h * s_oh
-        tl.store(dq + out + d[None, :], (dqh * scale * _feature_grad(qq, ELU)).to(dq.dtype.element_ty), mask=mq)
-        tl.store(dk + out + d[None, :], (dkh * _feature_grad(kk, ELU)).to(dk.dtype.element_ty), mask=mq)
-        out_v = b * (L * H * Dv) + tok[:, None] * (H * Dv) + h * Dv + j[None, :]
-        tl.store(dv + out_v, dvv.to(dv.dtype.element_ty), mask=mv)
+            if pid_v == 0:
+                mf = mt[:, None] & (jf < Dv)[None, :]
+                off = b * s_vb + tok[:, None] * s_vl + h * s_vh + jf[None, :]
+                dof = tl.load(do + off, mask=mf, other=0.0).to(ACC)
+                of = tl.load(o + off, mask=mf, other=0.0).to(ACC)
+                g = -tl.sum(dof * of, 1) / dn
+                dz += tl.sum(qh * g[:, None], 0)
+    tl.store(dS0 + state, dS, mask=md[:, None] & mj[None, :])
+    if pid_v == 0:
+        tl.store(dz0 + pid_sh * D + d, dz, mask=md)
 
-    @triton.jit
-    def step_kernel(
-        q, k, v, S, z, o, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, H, D, Dv,
-        feature_eps: tl.float64, scale: tl.float64, eps: tl.float64,
-        BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-    ):
-        feature_eps, scale, eps = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC), _acc_scalar(eps, ACC)
-        # grid (B · H); S [BK × BV] read and written once.
-        pid = tl.program_id(0)
-        b, h = pid // H, pid % H
-        d = tl.arange(0, BK)
-        j = tl.arange(0, BV)
-        md, mj = d < D, j < Dv
-        qh = tl.where(md, _feature(tl.load(q + b * s_qb + h * s_qh + d, mask=md, other=0.0).to(ACC), ELU,
-                                   feature_eps) * scale, 0.0)
-        kh = tl.where(md, _feature(tl.load(k + b * s_kb + h * s_kh + d, mask=md, other=0.0).to(ACC), ELU,
-                                   feature_eps), 0.0)
-        vv = tl.load(v + b * s_vb + h * s_vh + j, mask=mj, other=0.0).to(ACC)
-        soff = pid * D * Dv + d[:, None] * Dv + j[None, :]
-        ms = md[:, None] & mj[None, :]
-        St = tl.load(S + soff, mask=ms, other=0.0) + kh[:, None] * vv[None, :]
-        zt = tl.load(z + pid * D + d, mask=md, other=0.0) + kh
-        tl.store(S + soff, St, mask=ms)
-        tl.store(z + pid * D + d, zt, mask=md)
-        num = tl.sum(qh[:, None] * St, 0)
-        if NORMALIZE:
-            num = num / (tl.sum(qh * zt, 0) + eps)
-        tl.store(o + pid * Dv + j, num.to(o.dtype.element_ty), mask=mj)
+
+@triton.jit
+def chunk_grads_bwd_kernel(
+    q, k, v, do, o, den, chunk_S, chunk_z, chunk_dS, chunk_dz, dq, dk, dv, cu_seqlens, chunk_seq, chunk_idx,
+    s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+    H, L, D, Dv, NC, feature_eps: tl.float64, scale: tl.float64,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr,
+    PACKED: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    feature_eps, scale = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC)
+    # grid (chunks, H); q̂, k̂ [C × BK], v, do [C × BV], scores and their gradient [C × C], the saved
+    # states [BK × BV] on chip. dq, dk, dv are written contiguous [B, L, H, ·] (strides s_o*).
+    pid_c, h = tl.program_id(0), tl.program_id(1)
+    b, start, length, row, c = _chunk(pid_c, cu_seqlens, chunk_seq, chunk_idx, L, NC, C, PACKED)
+    row = row * H + h
+    t = tl.arange(0, C)
+    d = tl.arange(0, BK)
+    j = tl.arange(0, BV)
+    md, mj = d < D, j < Dv
+    tok = start + c * C + t
+    mt = c * C + t < length
+    mq = mt[:, None] & md[None, :]
+    mv = mt[:, None] & mj[None, :]
+    qq = tl.load(q + b * s_qb + tok[:, None] * s_ql + h * s_qh + d[None, :], mask=mq, other=0.0).to(ACC)
+    kk = tl.load(k + b * s_kb + tok[:, None] * s_kl + h * s_kh + d[None, :], mask=mq, other=0.0).to(ACC)
+    qh = tl.where(mq, _feature(qq, ELU, feature_eps) * scale, 0.0)
+    kh = tl.where(mq, _feature(kk, ELU, feature_eps), 0.0)
+    voff = b * s_vb + tok[:, None] * s_vl + h * s_vh + j[None, :]
+    vv = tl.load(v + voff, mask=mv, other=0.0).to(ACC)
+    G = tl.load(do + voff, mask=mv, other=0.0).to(ACC)
+    causal = t[:, None] >= t[None, :]
+    if NORMALIZE:
+        dn = tl.load(den + (b * H + h) * L + tok, mask=mt, other=1.0)
+        g = -tl.sum(G * tl.load(o + voff, mask=mv, other=0.0).to(ACC), 1) / dn
+        G = G / dn[:, None]
+        Bm = tl.where(causal, tl.dot(G, tl.trans(vv), input_precision=PRECISION) + g[:, None], 0.0)
+    else:
+        Bm = tl.where(causal, tl.dot(G, tl.trans(vv), input_precision=PRECISION), 0.0)
+    A = tl.where(causal, tl.dot(qh, tl.trans(kh), input_precision=PRECISION), 0.0)
+    soff = row * D * Dv + d[:, None] * Dv + j[None, :]
+    ms = md[:, None] & mj[None, :]
+    S = tl.load(chunk_S + soff, mask=ms, other=0.0)
+    dqh = tl.dot(Bm, kh, input_precision=PRECISION) + tl.dot(G, tl.trans(S), input_precision=PRECISION)
+    if NORMALIZE:
+        z = tl.load(chunk_z + row * D + d, mask=md, other=0.0)
+        dqh += g[:, None] * z[None, :]
+    dS = tl.load(chunk_dS + soff, mask=ms, other=0.0)
+    dz = tl.load(chunk_dz + row * D + d, mask=md, other=0.0)
+    dkh = tl.dot(tl.trans(Bm), qh, input_precision=PRECISION) + tl.dot(vv, tl.trans(dS), input_precision=PRECISION)
+    dkh += dz[None, :]
+    dvv = tl.dot(tl.trans(A), G, input_precision=PRECISION) + tl.dot(kh, dS, input_precision=PRECISION)
+    out = b * s_ob + tok[:, None] * s_ol + h * s_oh
+    tl.store(dq + out + d[None, :], (dqh * scale * _feature_grad(qq, ELU)).to(dq.dtype.element_ty), mask=mq)
+    tl.store(dk + out + d[None, :], (dkh * _feature_grad(kk, ELU)).to(dk.dtype.element_ty), mask=mq)
+    out_v = b * (L * H * Dv) + tok[:, None] * (H * Dv) + h * Dv + j[None, :]
+    tl.store(dv + out_v, dvv.to(dv.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def step_kernel(
+    q, k, v, S, z, o, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, H, D, Dv,
+    feature_eps: tl.float64, scale: tl.float64, eps: tl.float64,
+    BK: tl.constexpr, BV: tl.constexpr, ELU: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+):
+    feature_eps, scale, eps = _acc_scalar(feature_eps, ACC), _acc_scalar(scale, ACC), _acc_scalar(eps, ACC)
+    # grid (B · H); S [BK × BV] read and written once.
+    pid = tl.program_id(0)
+    b, h = pid // H, pid % H
+    d = tl.arange(0, BK)
+    j = tl.arange(0, BV)
+    md, mj = d < D, j < Dv
+    qh = tl.where(md, _feature(tl.load(q + b * s_qb + h * s_qh + d, mask=md, other=0.0).to(ACC), ELU,
+                               feature_eps) * scale, 0.0)
+    kh = tl.where(md, _feature(tl.load(k + b * s_kb + h * s_kh + d, mask=md, other=0.0).to(ACC), ELU,
+                               feature_eps), 0.0)
+    vv = tl.load(v + b * s_vb + h * s_vh + j, mask=mj, other=0.0).to(ACC)
+    soff = pid * D * Dv + d[:, None] * Dv + j[None, :]
+    ms = md[:, None] & mj[None, :]
+    St = tl.load(S + soff, mask=ms, other=0.0) + kh[:, None] * vv[None, :]
+    zt = tl.load(z + pid * D + d, mask=md, other=0.0) + kh
+    tl.store(S + soff, St, mask=ms)
+    tl.store(z + pid * D + d, zt, mask=md)
+    num = tl.sum(qh[:, None] * St, 0)
+    if NORMALIZE:
+        num = num / (tl.sum(qh * zt, 0) + eps)
+    tl.store(o + pid * Dv + j, num.to(o.dtype.element_ty), mask=mj)
 
 
 def _block(n: int) -> int:
@@ -390,21 +398,7 @@ def linear_attention_triton_fwd(
     return o, den, S, z, chunk_S, chunk_z
 
 
-@linear_attention_triton_fwd.register_fake
-def _(q, k, v, S0, z0, cu_seqlens, feature_map, feature_eps, scale, eps, normalize):
-    B, L, H, D = q.shape
-    Dv = v.shape[-1]
-    n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    rows = chunk_rows(B, L, n, cu_seqlens is not None)
-    sdt = acc_dtype(q.dtype)
-    return (
-        q.new_empty(B, L, H, Dv),
-        q.new_empty(B, H, L, dtype=sdt) if normalize else q.new_empty(0, dtype=sdt),
-        q.new_empty(n, H, D, Dv, dtype=sdt),
-        q.new_empty(n, H, D, dtype=sdt),
-        q.new_empty(rows, H, D, Dv, dtype=sdt),
-        q.new_empty(rows, H, D, dtype=sdt),
-    )
+linear_attention_triton_fwd.register_fake(fwd_fake(states_transposed=False))
 
 
 @torch.library.custom_op("agiformer_kernels::linear_attention_triton_bwd", mutates_args=())
@@ -475,46 +469,8 @@ def linear_attention_triton_bwd(
     return dq, dk, dv, dS0, dz0
 
 
-@linear_attention_triton_bwd.register_fake
-def _(do, dS, dz, q, k, v, o, den, chunk_S, chunk_z, cu_seqlens, *options):
-    H, D = q.shape[2], q.shape[3]
-    n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    sdt = acc_dtype(q.dtype)
-    return (
-        q.new_empty(q.shape),
-        q.new_empty(k.shape),
-        q.new_empty(v.shape),
-        q.new_empty(n, H, D, v.shape[-1], dtype=sdt),
-        q.new_empty(n, H, D, dtype=sdt),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, S0, z0, cu_seqlens, feature_map, feature_eps, scale, eps, normalize = inputs
-    o, den, _, _, chunk_S, chunk_z = output
-    ctx.save_for_backward(q, k, v, o, den, chunk_S, chunk_z, cu_seqlens)
-    ctx.options = (feature_map, feature_eps, scale, eps, normalize)
-    ctx.has_state = S0 is not None
-
-
-@backends.without_autocast
-def _backward(ctx, do, dden, dS, dz, dchunk_S, dchunk_z):
-    q, k, v, o, den, chunk_S, chunk_z, cu_seqlens = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(o)
-    dq, dk, dv, dS0, dz0 = linear_attention_triton_bwd(
-        _last_contiguous(do),
-        None if dS is None else dS.contiguous(),
-        None if dz is None else dz.contiguous(),
-        q, k, v, o, den, chunk_S, chunk_z, cu_seqlens,
-        *ctx.options,
-    )
-    if not ctx.has_state:
-        dS0 = dz0 = None
-    return dq, dk, dv, dS0, dz0, None, None, None, None, None, None
-
-
-linear_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+linear_attention_triton_bwd.register_fake(bwd_fake)
+register_autograd(linear_attention_triton_fwd, autograd(linear_attention_triton_bwd))
 
 
 @torch.library.custom_op("agiformer_kernels::linear_attention_triton_step", mutates_args=("S", "z"))
@@ -541,30 +497,18 @@ def linear_attention_triton_step(
     return o
 
 
-@linear_attention_triton_step.register_fake
-def _(q, k, v, S, z, feature_map, feature_eps, scale, eps, normalize):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+linear_attention_triton_step.register_fake(step_fake)
 
 
 def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options):
     return run_forward(linear_attention_triton_fwd, q, k, v, **options)
 
 
-def linear_attention_step_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: State,
-    *,
-    feature_map: str,
-    feature_eps: float,
-    scale: float,
-    eps: float,
-    normalize: bool,
-) -> torch.Tensor:
+def linear_attention_step_triton(q, k, v, state, *, feature_map, feature_eps, scale, eps,
+                                 normalize) -> torch.Tensor:
     S, z = state
     return linear_attention_triton_step(
-        _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), S, z,
+        last_contiguous(q), last_contiguous(k), last_contiguous(v), S, z,
         feature_map, feature_eps, scale, eps, normalize,
     )
 
@@ -574,27 +518,17 @@ def _check(q, k, v, *args, **kwargs) -> Optional[str]:
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D = {D}, Dv = {Dv}"
     if q.dtype == torch.float64 and q.is_cuda and max(D, Dv) > MAX_HEAD_DIM_FP64_GPU:
-        # measured on an H100: fp64 dots stage their operands in shared memory, and the backward's nine
-        # [64 x 64] fp64 products asked for 264 KiB, more than a block may have (227 KiB)
+        # fp64 dots stage their operands in shared memory: the backward's nine [64 x 64] fp64 products need
+        # 264 KiB, more than an sm_90 block may have (227 KiB)
         return (f"in float64 on a GPU the Triton kernels take head dims up to {MAX_HEAD_DIM_FP64_GPU} (shared "
                 f"memory), got D = {D}, Dv = {Dv}")
     return None
 
 
 def _check_step(q, k, v, state, **kwargs) -> Optional[str]:
-    if not (state[0].is_contiguous() and state[1].is_contiguous()):
-        return "the state (S, z) must be contiguous to be updated in place"
-    return _check(q, k, v)
+    return check_step_state(q, k, v, state) or _check(q, k, v)
 
 
-if HAVE_TRITON:
-    backends.register(
-        "linear_attention", "triton", linear_attention_triton, check=_check, available=backends.triton_unavailable
-    )
-    backends.register(
-        "linear_attention_step",
-        "triton",
-        linear_attention_step_triton,
-        check=_check_step,
-        available=backends.triton_unavailable,
-    )
+backends.register(OP, "triton", linear_attention_triton, check=_check, available=backends.triton_unavailable)
+backends.register(STEP_OP, "triton", linear_attention_step_triton, check=_check_step,
+                  available=backends.triton_unavailable)

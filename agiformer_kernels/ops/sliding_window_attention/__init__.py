@@ -1,4 +1,4 @@
-"""Causal sliding-window attention (SPEC §1.2) and its decode step."""
+"""Causal sliding-window attention (docs/ops.md §1.2) and its decode step."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from typing import Optional, Union
 import torch
 
 from ... import backends
-from ..common import check_float, check_index, check_same, check_shape
+from ..common import (
+    FLOAT_DTYPES, check_cu_seqlens, check_float, check_index, check_qkv, check_same, check_scale, check_shape,
+)
 from . import cpp, reference  # noqa: F401  (each registers its backends)
+from ._common import OP, STEP_OP
 
 if importlib.util.find_spec("triton") is not None:
     from . import triton  # noqa: F401  (registers the "triton" backends)
-from .reference import OP, STEP_OP
 
 
 def _check_window(window: object) -> int:
@@ -22,35 +24,6 @@ def _check_window(window: object) -> int:
     if window < 1:
         raise ValueError(f"window must be >= 1 (the number of keys each query sees, itself included), got {window}")
     return window
-
-
-def _check_scale(scale: object) -> Optional[float]:
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
-
-
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> None:
-    check_index("cu_seqlens", cu_seqlens, 1)
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens packs sequences into a batch of one: q must have B = 1, got B = {q.shape[0]}")
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold at least 2 offsets (n+1 for n sequences), got {cu_seqlens.numel()}")
-    if torch.compiler.is_compiling():
-        return
-    L = q.shape[1]
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-    if first != 0 or last != L or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(
-            f"cu_seqlens must rise from 0 to L = {L} without decreasing, got {cu_seqlens.tolist()[:8]}"
-            f"{' ...' if cu_seqlens.numel() > 8 else ''}"
-        )
 
 
 @backends.without_autocast
@@ -77,21 +50,14 @@ def sliding_window_attention(
     Returns:
         ``[B, L, H, Dv]`` in the input dtype. Differentiable in q, k and v.
     """
-    check_float("q", q, 4)
-    check_float("k", k, 4)
-    check_float("v", v, 4)
-    check_same(("q", "k", "v"), (q, k, v), "dtype")
-    check_same(("q", "k", "v"), (q, k, v), "device")
+    check_qkv(q, k, v, "[B, L, H, D]")
     B, L, H, D = q.shape
-    check_shape("k", k, (B, L, H, D), "[B, L, H, D] of q")
-    if tuple(v.shape[:3]) != (B, L, H):
-        raise ValueError(f"v must have shape [B, L, H, Dv] with [B, L, H] = {(B, L, H)} of q, got {tuple(v.shape)}")
     if L < 1:
         raise ValueError(f"q must hold at least one position, got shape {tuple(q.shape)}")
     window = _check_window(window)
-    scale = _check_scale(scale)
+    scale = check_scale(scale, D)
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, q)
+        cu_seqlens = check_cu_seqlens(cu_seqlens, q)
     args, kwargs = (q, k, v, window), dict(scale=scale, cu_seqlens=cu_seqlens)
     return backends.select(OP, backend, q.device, *args, **kwargs)(*args, **kwargs)
 
@@ -122,20 +88,45 @@ def sliding_window_attention_step(
         ``[B, H, Dv]`` in q's dtype: q attends the ``min(pos + 1, W)`` filled slots, itself included,
         equal to ``sliding_window_attention(..., window=W)`` at that position.
     """
-    names = ("q", "k", "v", "k_cache", "v_cache")
-    tensors = (q, k, v, k_cache, v_cache)
-    for name, t in zip(names, tensors):
-        check_float(name, t, 3 if name in ("q", "k", "v") else 4)
+    if not _step_inputs_ok(q, k, v, k_cache, v_cache, pos):  # the full checks, for their error messages
+        _check_step_inputs(q, k, v, k_cache, v_cache, pos)
+    scale = float(q.shape[-1] ** -0.5) if scale is None else check_scale(scale, q.shape[-1])
+    args, kwargs = (q, k, v, k_cache, v_cache, pos), dict(scale=scale)
+    with torch.no_grad():
+        return backends.select(STEP_OP, backend, q.device, *args, **kwargs)(*args, **kwargs)
+
+
+def _step_inputs_ok(q, k, v, k_cache, v_cache, pos) -> bool:
+    """One cheap test of the common case of everything the step checks: a decode loop calls it per token."""
+    try:
+        shape, dtype, device = q.shape, q.dtype, q.device
+        v_shape, c_shape = v.shape, k_cache.shape
+        return (
+            len(shape) == 3 and k.shape == shape and len(v_shape) == 3 and v_shape[:2] == shape[:2]
+            and dtype in FLOAT_DTYPES and k.dtype == dtype and v.dtype == dtype
+            and k_cache.dtype == dtype and v_cache.dtype == dtype
+            and len(c_shape) == 4 and c_shape[1] >= 1 and c_shape == (shape[0], c_shape[1], shape[1], shape[2])
+            and v_cache.shape == (shape[0], c_shape[1], shape[1], v_shape[2])
+            and k.device == device and v.device == device and k_cache.device == device and v_cache.device == device
+            and type(pos) is int and pos >= 0
+        )
+    except (TypeError, ValueError, AttributeError):  # not tensors: the full checks say what
+        return False
+
+
+def _check_step_inputs(q, k, v, k_cache, v_cache, pos) -> None:
+    check_qkv(q, k, v, "[B, H, D]")
+    check_float("k_cache", k_cache, 4)
+    check_float("v_cache", v_cache, 4)
+    names, tensors = ("q", "k_cache", "v_cache"), (q, k_cache, v_cache)
     check_same(names, tensors, "dtype")
     check_same(names, tensors, "device")
     B, H, D = q.shape
-    check_shape("k", k, (B, H, D), "[B, H, D] of q")
     Dv = v.shape[-1]
-    if tuple(v.shape[:2]) != (B, H):
-        raise ValueError(f"v must have shape [B, H, Dv] with [B, H] = {(B, H)} of q, got {tuple(v.shape)}")
     W = k_cache.shape[1]
     if tuple(k_cache.shape) != (B, W, H, D) or W < 1:
-        raise ValueError(f"k_cache must have shape [B, W, H, D] with [B, H, D] = {(B, H, D)} of q, W >= 1, got {tuple(k_cache.shape)}")
+        raise ValueError(f"k_cache must have shape [B, W, H, D] with [B, H, D] = {(B, H, D)} of q, W >= 1, "
+                         f"got {tuple(k_cache.shape)}")
     check_shape("v_cache", v_cache, (B, W, H, Dv), "[B, W, H, Dv] of k_cache and v")
     if isinstance(pos, torch.Tensor):
         check_index("pos", pos, 1)
@@ -148,10 +139,6 @@ def sliding_window_attention_step(
         raise TypeError(f"pos must be an int or an int64 tensor [B], got {type(pos).__name__}")
     elif pos < 0:
         raise ValueError(f"pos must be >= 0, got {pos}")
-    scale = _check_scale(scale)
-    args, kwargs = (q, k, v, k_cache, v_cache, pos), dict(scale=scale)
-    with torch.no_grad():
-        return backends.select(STEP_OP, backend, q.device, *args, **kwargs)(*args, **kwargs)
 
 
 __all__ = ["sliding_window_attention", "sliding_window_attention_step"]

@@ -11,30 +11,13 @@ exactly ``window`` keys including itself, fewer at the start of a sequence.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from ... import backends
+from ._common import OP, STEP_OP, acc_dtype, segment_bounds
 
-OP = "sliding_window_attention"
-STEP_OP = "sliding_window_attention_step"
 BLOCK = 64
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def segment_bounds(cu_seqlens: Optional[torch.Tensor], L: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position, the start and end (exclusive) of its sequence, int32 [L]: the kernels' view of cu_seqlens."""
-    pos = torch.arange(L, device=device, dtype=torch.int64)
-    if cu_seqlens is None:
-        return torch.zeros(L, dtype=torch.int32, device=device), torch.full((L,), L, dtype=torch.int32, device=device)
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    seg = torch.searchsorted(cu[1:], pos, right=True)
-    return cu[seg].to(torch.int32), cu[seg + 1].to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ import triton
 import triton.language as tl
 
 from ... import backends
-from .reference import OP, STEP_OP, segment_bounds
+from ..common import register_autograd
+from ._common import (
+    OP, STEP_OP, autograd, bwd_fake, check_step_caches, fwd_fake, segment_bounds, step_fake, step_positions,
+)
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,17 +62,23 @@ def _visible(offs_m, offs_n, seg_m, window):
 
 
 @triton.jit
+def _tile(base, rows, row_ok, stride_row, width, BLOCK: tl.constexpr):
+    """The [rows, BLOCK] tile at base + row·stride_row + column, zero past ``width`` columns and where not row_ok."""
+    cols = tl.arange(0, BLOCK)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < width),
+                   other=0.0)
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, offs_m, seg_m, n_lo, n_hi, L, window,
                scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for n in range(n_lo, n_hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < L
-        k = tl.load(k_ptrs + offs_n[:, None] * stride_kl, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_ptrs + offs_n[:, None] * stride_vl, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = _tile(k_ptrs, offs_n, key_ok, stride_kl, D, BLOCK_D)
+        v = _tile(v_ptrs, offs_n, key_ok, stride_vl, DV, BLOCK_DV)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
         if MASK:
             s = tl.where(_visible(offs_m, offs_n, seg_m, window), s, float("-inf"))
@@ -101,19 +110,17 @@ def window_fwd_kernel(
     h = bh % H
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _tile(Q + b * stride_qb + h * stride_qh, offs_m, row_ok, stride_ql, D, BLOCK_D)
     seg_m = tl.load(SEG_START + offs_m, mask=row_ok, other=0)
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     lo = tl.maximum(m0 - window + 1, tl.load(SEG_START + m0))
     full_lo = tl.maximum(m_last - window + 1, tl.load(SEG_START + m_last))
     start, b1, b2 = _edges(lo, m_last + 1, full_lo, m0 + 1, BLOCK_N)
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_dv[None, :]
+    k_ptrs = K + b * stride_kb + h * stride_kh
+    v_ptrs = V + b * stride_vb + h * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -135,13 +142,11 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kl, stride_vl, o
                   scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for n in range(n_lo, n_hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         key_ok = offs_n < L
-        k = tl.load(k_ptrs + offs_n[:, None] * stride_kl, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_ptrs + offs_n[:, None] * stride_vl, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = _tile(k_ptrs, offs_n, key_ok, stride_kl, D, BLOCK_D)
+        v = _tile(v_ptrs, offs_n, key_ok, stride_vl, DV, BLOCK_DV)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
         p = tl.math.exp2(s - lse[:, None])
         if MASK:
@@ -171,12 +176,9 @@ def window_bwd_dq_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _tile(Q + b * stride_qb + h * stride_qh, offs_m, row_ok, stride_ql, D, BLOCK_D)
+    do = _tile(DO + b * stride_dob + h * stride_doh, offs_m, row_ok, stride_dol, DV, BLOCK_DV)
     lse = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=float("inf"))  # padding rows: p = 0
     delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
     seg_m = tl.load(SEG_START + offs_m, mask=row_ok, other=0)
@@ -185,8 +187,8 @@ def window_bwd_dq_kernel(
     full_lo = tl.maximum(m_last - window + 1, tl.load(SEG_START + m_last))
     start, b1, b2 = _edges(lo, m_last + 1, full_lo, m0 + 1, BLOCK_N)
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_dv[None, :]
+    k_ptrs = K + b * stride_kb + h * stride_kh
+    v_ptrs = V + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kl, stride_vl, offs_m, seg_m, start, b1, L,
                        window, scale_log2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, PRECISION, UPCAST)
@@ -203,14 +205,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_ql, stride_dol, LSE, D
                     L, window, scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for m in range(m_lo, m_hi, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < L
-        q = tl.load(q_ptrs + offs_m[:, None] * stride_ql, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(do_ptrs + offs_m[:, None] * stride_dol, mask=row_ok[:, None] & (offs_dv[None, :] < DV),
-                     other=0.0)
+        q = _tile(q_ptrs, offs_m, row_ok, stride_ql, D, BLOCK_D)
+        do = _tile(do_ptrs, offs_m, row_ok, stride_dol, DV, BLOCK_DV)
         lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         # transposed tiles [BLOCK_N keys, BLOCK_M queries]: dK and dV are sums over the queries
@@ -247,17 +246,15 @@ def window_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < L
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-                mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_dv[None, :],
-                mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _tile(K + b * stride_kb + h * stride_kh, offs_n, key_ok, stride_kl, D, BLOCK_D)
+    v = _tile(V + b * stride_vb + h * stride_vh, offs_n, key_ok, stride_vl, DV, BLOCK_DV)
     n_last = tl.minimum(n0 + BLOCK_N, L) - 1
     hi = tl.minimum(tl.minimum(n_last + window, tl.load(SEG_END + n_last)), L)
     full_hi = tl.minimum(n0 + window, tl.load(SEG_END + n0))
     start, b1, b2 = _edges(n0, hi, n_last, full_hi, BLOCK_M)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_dv[None, :]
+    q_ptrs = Q + b * stride_qb + h * stride_qh
+    do_ptrs = DO + b * stride_dob + h * stride_doh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lse_ptr = LSE + bh * L
@@ -306,9 +303,8 @@ def window_step_kernel(
         offs_w = w0 + tl.arange(0, BLOCK_W)
         ok = (offs_w < n_valid) & (offs_w != slot)
         rows = (b * W + offs_w) * H + h
-        k = tl.load(KC + rows[:, None] * D + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(VC + rows[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & (offs_dv[None, :] < DV),
-                    other=0.0)
+        k = _tile(KC, rows, ok, D, D, BLOCK_D)
+        v = _tile(VC, rows, ok, DV, DV, BLOCK_DV)
         s = tl.where(ok, tl.sum(q[None, :] * k.to(tl.float32), 1) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         p = tl.math.exp2(s - m_new)
@@ -333,7 +329,7 @@ def _meta(q: torch.Tensor, v: torch.Tensor) -> dict:
     D, Dv = q.shape[-1], v.shape[-1]
     return dict(
         D=D, DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-        # fp32 inputs get full-precision products (SPEC's 1e-5); 16-bit inputs use the tensor cores as is
+        # fp32 inputs get full-precision products (docs/ops.md §3: 1e-5); 16-bit inputs use the tensor cores as is
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
     )
@@ -360,10 +356,7 @@ def window_fwd(
     return o, lse
 
 
-@window_fwd.register_fake
-def _(q, k, v, seg_start, seg_end, window, scale):
-    B, L, H, _ = q.shape
-    return q.new_empty(B, L, H, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
+window_fwd.register_fake(fwd_fake)
 
 
 @torch.library.custom_op("agiformer_kernels::sliding_window_attention_triton_bwd", mutates_args=())
@@ -388,26 +381,8 @@ def window_bwd(
     return dq, dk, dv
 
 
-@window_bwd.register_fake
-def _(grad_o, q, k, v, o, lse, seg_start, seg_end, window, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, seg_start, seg_end, window, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
-    ctx.window, ctx.scale = window, scale
-
-
-@backends.without_autocast
-def _backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
-    dq, dk, dv = window_bwd(grad_o, q, k, v, o, lse, seg_start, seg_end, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None, None
-
-
-window_fwd.register_autograd(_backward, setup_context=_setup_context)
+window_bwd.register_fake(bwd_fake)
+register_autograd(window_fwd, autograd(window_bwd))
 
 
 @torch.library.custom_op("agiformer_kernels::sliding_window_attention_triton_step", mutates_args=("k_cache", "v_cache"))
@@ -426,9 +401,7 @@ def window_step(
     return o
 
 
-@window_step.register_fake
-def _(q, k, v, k_cache, v_cache, pos, scale):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+window_step.register_fake(step_fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,23 +409,17 @@ def _(q, k, v, k_cache, v_cache, pos, scale):
 # ---------------------------------------------------------------------------------------------
 
 
-def sliding_window_attention_triton(q, k, v, window, *, scale=None, cu_seqlens=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+def sliding_window_attention_triton(q, k, v, window, *, scale, cu_seqlens=None):
     seg_start, seg_end = segment_bounds(cu_seqlens, q.shape[1], q.device)
     o, _ = window_fwd(q, k, v, seg_start, seg_end, min(window, q.shape[1]), scale)
     return o
 
 
-def sliding_window_attention_step_triton(q, k, v, k_cache, v_cache, pos, *, scale=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if isinstance(pos, torch.Tensor):
-        pos = pos.to(torch.int64).contiguous()
-    else:
-        pos = torch.full((q.shape[0],), pos, dtype=torch.int64, device=q.device)
-    return window_step(q, k, v, k_cache, v_cache, pos, scale)
+def sliding_window_attention_step_triton(q, k, v, k_cache, v_cache, pos, *, scale):
+    return window_step(q, k, v, k_cache, v_cache, step_positions(pos, q.shape[0], q.device).contiguous(), scale)
 
 
-def _check(q, k, v, window, *, scale=None, cu_seqlens=None) -> backends.Reason:
+def _check(q, k, v, *args, **options) -> backends.Reason:
     if q.dtype not in DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -460,14 +427,8 @@ def _check(q, k, v, window, *, scale=None, cu_seqlens=None) -> backends.Reason:
     return None
 
 
-def _check_step(q, k, v, k_cache, v_cache, pos, *, scale=None) -> backends.Reason:
-    if q.dtype not in DTYPES:
-        return f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}"
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return "the kernel writes k_cache and v_cache in place and needs them contiguous"
-    return None
+def _check_step(q, k, v, k_cache, v_cache, pos, **options) -> backends.Reason:
+    return _check(q, k, v) or check_step_caches(q, k, v, k_cache, v_cache, pos)
 
 
 backends.register(OP, "triton", sliding_window_attention_triton, check=_check, available=backends.triton_unavailable)
