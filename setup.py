@@ -82,6 +82,7 @@ setup(
     # csrc/ ships inside the package so that a non-editable install can still JIT-build.
     packages=find_packages(include=["agiformer_kernels*", "agiformer*"]) + ["agiformer_kernels.csrc"],
     package_dir={"agiformer_kernels.csrc": "csrc"},
-    package_data={"agiformer_kernels.csrc": ["*/*.cpp", "*/*.cu", "*/*.h", "*/*.cuh"]},
+    package_data={"agiformer_kernels.csrc": ["*/*.cpp", "*/*.cu", "*/*.h", "*/*.cuh"],
+                  "agiformer.components.flavors": ["*.json"]},  # the named model configs
     **prebuilt_extensions(),
 )

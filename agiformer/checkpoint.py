@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from .components import UnknownComponentError
 from .errors import CheckpointError, UsageError
 from .model import AGIFORMER, DEFAULT_CONFIG
 
@@ -156,7 +157,8 @@ def infer_config(state: dict, overrides: Optional[dict] = None) -> dict:
 
 def load_model(path: os.PathLike, *, device: Any = "cpu", backend: Optional[str] = None,
                overrides: Optional[dict] = None) -> tuple[AGIFORMER, dict]:
-    """(model in eval mode, checkpoint dict) from our checkpoint or an original v1 ``best_model.pth``.
+    """(model in eval mode, checkpoint dict) from our checkpoint (of any architecture: its config is rebuilt)
+    or an original v1 ``best_model.pth``.
 
     ``overrides`` (num_heads, window_size, thinking_steps; None: not given) apply to a v1 state_dict only,
     whose weights do not show them; for our checkpoints, which record them, a value that differs from
@@ -177,7 +179,10 @@ def load_model(path: os.PathLike, *, device: Any = "cpu", backend: Optional[str]
             raise UsageError(f"{flags}: only for an original v1 state_dict, whose weights do not show it; "
                              f"{path} records {recorded}")
     try:
-        model = AGIFORMER(**config, backend=backend)
+        model = AGIFORMER.from_config(config, backend=backend)
+    except UnknownComponentError as e:
+        raise CheckpointError(f"{path}: its architecture names a component not registered in this process: "
+                              f"{e} (import the code that registers it before loading)") from e
     except (TypeError, ValueError) as e:
         if given and ckpt.get("format") != FORMAT:
             raise UsageError(f"{path} with {given}: {_one_line(e)}") from e

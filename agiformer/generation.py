@@ -1,7 +1,8 @@
-"""Incremental generation: the prompt is run once, then each new patch costs O(1) in the context length.
+"""Incremental generation: the prompt is run once, then each new patch costs O(1) in the context length
+(for any architecture; a ``causal_attention`` layer adds O(context) for its attention over the KV cache).
 
-Per-layer streaming state: the linear-attention state (S, z), ring buffers of the last ``window``
-keys/values, and each row's absolute patch position (for RoPE and the ring slot). The head samples
+Streaming state: each layer's mixer states (v1: the linear-attention state (S, z) and ring buffers of the
+last ``window`` keys/values) and each row's absolute patch position (for RoPE and the ring slot). The head samples
 a patch with the fused GRU sampler; the encoder turns that complete patch into the next latent.
 
 Prompts need no padding. A prompt's complete patches are prefilled; the latent of the last one
@@ -30,8 +31,23 @@ def _as_bytes(prompt: Union[bytes, str]) -> bytes:
     return prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
 
 
-def _tensors(states) -> list[torch.Tensor]:
-    return [t for layer in states for part in layer for t in part]
+def _merge(full, part, rows: torch.Tensor, batch: int):
+    """``full`` (None: zeros) with the state ``part`` of the batch ``rows`` copied in: the same nesting of lists
+    and tuples of tensors, batch first, each tensor of ``full`` grown to the larger size in every other
+    dimension (a KV cache holds as many positions as its prompt; in a larger one, the extra slots are never
+    read before a step writes them)."""
+    if isinstance(part, (list, tuple)):
+        merged = [_merge(f, p, rows, batch) for f, p in zip(full or [None] * len(part), part)]
+        return merged if isinstance(part, list) else tuple(merged)
+    if full is None:
+        full = part.new_zeros(batch, *part.shape[1:])
+    size = [max(p, f) for p, f in zip(part.shape[1:], full.shape[1:])]
+    if size != list(full.shape[1:]):
+        grown = full.new_zeros(batch, *size)
+        grown[(slice(None), *(slice(0, n) for n in full.shape[1:]))] = full
+        full = grown
+    full[(rows, *(slice(0, n) for n in part.shape[1:]))] = part
+    return full
 
 
 @contextlib.contextmanager
@@ -69,14 +85,9 @@ def _prefill(model: AGIFORMER, prompts: list[bytes], device: torch.device):
         if len(groups) == 1:
             latent, states = lat, st
             break
-        if states is None:
-            latent = lat.new_zeros(len(prompts), lat.shape[-1])
-            states = [tuple(tuple(t.new_zeros(len(prompts), *t.shape[1:]) for t in part) for part in layer)
-                      for layer in st]
         idx = torch.tensor(rows, device=device)
-        latent[idx] = lat
-        for full, part in zip(_tensors(states), _tensors(st)):
-            full[idx] = part
+        latent = _merge(latent, lat, idx, len(prompts))
+        states = _merge(states, st, idx, len(prompts))
     pos = torch.tensor([len(p) // P for p in prompts], dtype=torch.long, device=device)
     return latent, states, pos
 

@@ -1,4 +1,4 @@
-"""Look inside a checkpoint on a prompt: the reasoning loop and the hybrid layers.
+"""Look inside a checkpoint on a prompt: the layers' mixers and the reasoning loop, for any architecture.
 
     python -m agiformer.inspect runs/tiny/last.pt --prompt "def main():\\n    return 0\\n"
     python -m agiformer.inspect best_model.pth --prompt-file page.txt --json
@@ -6,9 +6,11 @@
 Reports, averaged over the prompt's patches:
 - reasoning (v1's diagnostics): per thinking step, Δz = ‖x_{t+1} − x_t‖ (absolute and relative to
   ‖x_t‖) and statistics of the gate σ(gate(n)): mean, std, min, max, share of units open (> 0.5);
-- per hybrid layer: the residual stream norm ‖x‖ after the layer and the update ratio
-  ‖x_out − x_in‖ / ‖x_in‖; the norms of the window-attention branch a and the linear-attention branch
-  s, and the window share ‖a‖ / (‖a‖ + ‖s‖) of what the two add to the residual (before out_proj).
+- per layer: its block, the residual stream norm ‖x‖ after the layer and the update ratio
+  ‖x_out − x_in‖ / ‖x_in‖; per mixer (by its name in the block: v1's window attention ``attn``, linear
+  attention ``ssm``), the norm of its output and its share ‖m‖ / Σ‖m‖ of what the mixers add (for v1's
+  pair also as ``window_norm``, ``linear_norm`` and ``window_share``, as before architectures existed);
+- the reasoning steps only for a model whose top stage is v1's reasoning loop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import torch
 
 from . import _cli, checkpoint
 from .evaluate import add_model_overrides, check_common, default_device, model_overrides
+from agiformer_kernels.nn import RecurrentReasoningBlock
+
+from .components.blocks import MixerBlock
+from .components.config import layers as layer_specs
 from .model import AGIFORMER
 
 
@@ -53,18 +59,21 @@ def diagnostics(model: AGIFORMER, prompt: bytes) -> dict:
 
     def branch_hook(i, name):
         def hook(module, inputs, output):
-            layers[i][name] = _norm(output)
+            layers[i].setdefault("mixers", {})[name] = _norm(output)
         return hook
 
-    for i, layer in enumerate(model.layers):
+    for i, (layer, (_, spec)) in enumerate(zip(model.layers, layer_specs(model.config))):
+        layers[i]["block"] = spec["block_cls"]
         hooks.append(layer.register_forward_hook(layer_hook(i)))
-        hooks.append(layer.attn.register_forward_hook(branch_hook(i, "window")))
-        hooks.append(layer.ssm.register_forward_hook(branch_hook(i, "linear")))
+        slots = layer.mixer_slots if isinstance(layer, MixerBlock) else []
+        for slot in slots:
+            hooks.append(getattr(layer, slot).register_forward_hook(branch_hook(i, slot)))
 
     state: dict = {}
-    r = model.reasoning
-    hooks.append(r.register_forward_pre_hook(lambda m, inputs: state.update(x=inputs[0].float())))
-    hooks.append(r.gate.register_forward_hook(lambda m, inputs, out: state.update(gate=torch.sigmoid(out.float()))))
+    r = model.top_stage
+    if isinstance(r, RecurrentReasoningBlock):
+        hooks.append(r.register_forward_pre_hook(lambda m, inputs: state.update(x=inputs[0].float())))
+        hooks.append(r.gate.register_forward_hook(lambda m, inputs, out: state.update(gate=torch.sigmoid(out.float()))))
 
     def think_hook(module, inputs, output):
         gate, x_t = state["gate"], state["x"]
@@ -77,7 +86,8 @@ def diagnostics(model: AGIFORMER, prompt: bytes) -> dict:
         ))
         state["x"] = x_t + dz
 
-    hooks.append(r.think_mlp.register_forward_hook(think_hook))
+    if isinstance(r, RecurrentReasoningBlock):
+        hooks.append(r.think_mlp.register_forward_hook(think_hook))
     was_training = model.training
     model.eval()
     try:
@@ -87,19 +97,25 @@ def diagnostics(model: AGIFORMER, prompt: bytes) -> dict:
         for h in hooks:
             h.remove()
     for layer in layers:
-        a, s = layer.pop("window"), layer.pop("linear")
-        layer["window_norm"], layer["linear_norm"] = float(a.mean()), float(s.mean())
-        layer["window_share"] = float((a / (a + s).clamp_min(1e-12)).mean())
+        norms = layer.pop("mixers", {})
+        total = sum(norms.values()).clamp_min(1e-12) if norms else None
+        layer["mixers"] = {name: dict(norm=float(n.mean()), share=float((n / total).mean()))
+                           for name, n in norms.items()}
+        if set(norms) == {"attn", "ssm"}:  # v1's pair, under the names reports had before architectures
+            layer["window_norm"], layer["linear_norm"] = layer["mixers"]["attn"]["norm"], layer["mixers"]["ssm"]["norm"]
+            layer["window_share"] = layer["mixers"]["attn"]["share"]
     return dict(patches=n // P, bytes_ignored=len(prompt) - n, layers=layers, reasoning=steps)
 
 
 def format_report(report: dict) -> str:
     lines = [f"{report['patches']} patches" + (f" ({report['bytes_ignored']} trailing bytes of an incomplete "
                                                 f"patch ignored)" if report["bytes_ignored"] else ""), "",
-             "layer  ‖x‖ after  update ratio  ‖window‖  ‖linear‖  window share"]
+             "layer  block            ‖x‖ after  update ratio  mixers: ‖output‖ (share)"]
     for i, l in enumerate(report["layers"]):
-        lines.append(f"{i:5d}  {l['residual_norm']:9.3f}  {l['update_ratio']:12.4f}  {l['window_norm']:8.3f}  "
-                     f"{l['linear_norm']:8.3f}  {l['window_share']:12.3f}")
+        mixers = "  ".join(f"{name} {m['norm']:.3f} ({m['share']:.3f})" for name, m in l["mixers"].items())
+        lines.append(f"{i:5d}  {l['block']:15s}  {l['residual_norm']:9.3f}  {l['update_ratio']:12.4f}  {mixers}")
+    if not report["reasoning"]:
+        return "\n".join(lines)
     lines += ["", "think   Δz      Δz/‖z‖   gate mean  std     min     max     open"]
     for t, s in enumerate(report["reasoning"]):
         lines.append(f"{t:5d}  {s['dz']:7.3f}  {s['dz_relative']:7.4f}  {s['gate_mean']:9.3f}  {s['gate_std']:6.3f}  "

@@ -4,9 +4,12 @@
     python -m agiformer.train --preset v1 --data enwik8     # the original configuration
     torchrun --nproc_per_node 8 -m agiformer.train --preset v1 --batch-size 4    # per-GPU batch
     python -m agiformer.train --preset tiny --resume auto   # continue runs/tiny/last.pt exactly
+    python -m agiformer.train --architecture tiny-mixed     # a heterogeneous stack (or --architecture my.json)
 
-Every flag overrides the preset. Writes to --out (default runs/<preset>): last.pt (model, optimizer,
-scheduler, RNG, data stream, step, config), best.pt (best validation), metrics.jsonl / metrics.csv
+Every flag overrides the preset; --architecture (a flavor of agiformer.components.flavors or a JSON file)
+overrides the preset's model, and the size flags override it. Writes to --out (default runs/<preset>):
+last.pt (model, optimizer, scheduler, RNG, data stream, step, config: the architecture too, which evaluate,
+generate and inspect rebuild), best.pt (best validation), metrics.jsonl / metrics.csv
 (and TensorBoard events when tensorboard is installed, MLflow with --mlflow). elapsed_s counts training
 steps only: start-up (a first use's kernel builds), validation and saving are left out.
 
@@ -18,7 +21,7 @@ same batches, dropout, optimizer, schedule, metrics rows and final validation.
 
 --resume takes the checkpoint's configuration; flags given with it apply from there on (optimisation,
 batch, evaluation, logging: last.pt lists each change with its step under "changes") or, for what would
-make it another run (model sizes, --data, --seed, --preset), are refused.
+make it another run (model sizes, --architecture, --data, --seed, --preset), are refused.
 
 Under torchrun each rank draws its own windows (its slice of one seeded global batch, so N ranks
 match one process with the combined batch) and seeds its dropout with seed + rank; rank 0 logs and
@@ -51,12 +54,14 @@ from . import _cli, checkpoint
 from .data import RandomWindows, load_corpus
 from .errors import CheckpointError, UsageError
 from .evaluate import bits_per_byte, default_device
-from .model import AGIFORMER, DEFAULT_CONFIG, num_parameters
+from .components import MODEL_KEYS, flavors, validate
+from .model import AGIFORMER, num_parameters
 
-MODEL_KEYS = tuple(DEFAULT_CONFIG)
 # What a resumed run refuses to change: the weights' shapes and meaning, and the data stream.
 FIXED_ON_RESUME = ("d_model", "n_layers", "num_heads", "patch_size", "window_size", "vocab_size", "thinking_steps",
-                   "data", "seed", "preset")
+                   "architecture", "embedding", "final_norm", "top", "head", "data", "seed", "preset")
+# Keys of the configuration that describe one invocation's command line, not the run: never saved.
+ARGV_KEYS = ("given", "architecture_flag")
 # One invocation's settings: taken from the command line on every run, never compared with a checkpoint's.
 RUN_KEYS = ("out", "resume", "device", "backend", "amp", "mlflow", "max_minutes", "data_dir")
 # The flags presets do not set.
@@ -66,12 +71,11 @@ SCHEDULE_KEYS = ("lr", "warmup", "steps", "min_lr_ratio")
 PRESETS = {
     # A few CPU minutes on the embedded corpus (Python sources): about 2.5 bits/byte on the whole
     # validation split after its 600 steps (about 3.5 minutes on 2 busy cores).
-    "tiny": dict(d_model=128, n_layers=2, num_heads=4, patch_size=4, window_size=32, vocab_size=256, dropout=0.0,
-                 thinking_steps=1, data="stdlib", batch_size=16, seq_len=256, steps=600, lr=2e-3, warmup=60,
+    "tiny": dict(flavors.flavor("tiny"), data="stdlib", batch_size=16, seq_len=256, steps=600, lr=2e-3, warmup=60,
                  min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0, eval_every=100, eval_bytes=100_000,
                  eval_batch_size=32, checkpoint_every=200, log_every=20),
     # The original: default model, AdamW 3e-4 constant, clip 0.5, B4 L1024 on enwik8.
-    "v1": dict(DEFAULT_CONFIG, data="enwik8", batch_size=4, seq_len=1024, steps=50_000, lr=3e-4, warmup=0,
+    "v1": dict(flavors.flavor("v1"), data="enwik8", batch_size=4, seq_len=1024, steps=50_000, lr=3e-4, warmup=0,
                min_lr_ratio=1.0, weight_decay=0.01, grad_clip=0.5, eval_every=1000, eval_bytes=1_000_000,
                eval_batch_size=8, checkpoint_every=1000, log_every=50),
 }
@@ -218,6 +222,63 @@ def config_problem(cfg: dict, combined: bool = True) -> Optional[str]:
     return None
 
 
+def model_config(cfg: dict) -> dict:
+    """The model config in a run's configuration (keys a checkpoint from before architectures lacks: v1's)."""
+    return {k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}
+
+
+def model_problem(cfg: dict) -> Optional[str]:
+    """What keeps the model config in ``cfg`` from building (an unknown component, a bad option), as a message
+    naming --architecture when that supplied it; None when it builds. Builds on the meta device: no memory."""
+    try:
+        with torch.device("meta"):
+            AGIFORMER.from_config(model_config(cfg))
+    except (TypeError, ValueError) as e:
+        spec = cfg.get("architecture_flag")
+        return f"--architecture {spec[0]}: {e}" if spec else str(e)
+    return None
+
+
+def read_architecture(spec: str) -> dict:
+    """The model keys ``--architecture spec`` gives: a flavor's name or a JSON file holding a model config (a
+    dict with ``architecture`` or sizes), one layer dict for every layer, or a list of layer dicts (whose
+    length is then ``n_layers``). ``UsageError`` naming the flag when it cannot be read."""
+    if spec in flavors.names():
+        content = flavors.flavor(spec)
+    else:
+        try:
+            content = json.loads(Path(spec).read_text())
+        except OSError as e:
+            raise UsageError(f"--architecture {spec}: neither a flavor ({', '.join(flavors.names())}) nor a "
+                             f"readable file ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"--architecture {spec}: not JSON ({e})") from None
+    if isinstance(content, list):
+        return {"architecture": content, "n_layers": len(content)}
+    if isinstance(content, dict) and any(k in MODEL_KEYS for k in content):
+        other = [k for k in content if k not in MODEL_KEYS]
+        if other:
+            raise UsageError(f"--architecture {spec}: {other[0]!r} is not a model config key (those: "
+                             f"{', '.join(MODEL_KEYS)}); training settings are flags")
+        return content
+    return {"architecture": content}
+
+
+def _validated(cfg: dict) -> Optional[dict]:
+    try:
+        return validate(model_config(cfg))
+    except (TypeError, ValueError):
+        return None
+
+
+def _flag(cfg: dict, key: str) -> str:
+    """How the command line gave ``key``: its own flag, or --architecture when that file supplied it."""
+    spec = cfg.get("architecture_flag")
+    if spec and key in spec[1]:
+        return f"--architecture {spec[0]}"
+    return f"--{key.replace('_', '-')} {cfg[key]}"
+
+
 def _resumed_config(cfg: dict, saved: dict, step: int, path: str) -> tuple[dict, dict]:
     """(the configuration a run resumed from a checkpoint at ``step`` goes on with, {key: [old, new]} of what
     changed). It is the checkpoint's, with this invocation's RUN_KEYS and the flags it names (``cfg["given"]``;
@@ -226,13 +287,21 @@ def _resumed_config(cfg: dict, saved: dict, step: int, path: str) -> tuple[dict,
     if given is None:
         given = list(cfg)
     merged = {**saved, **{k: cfg[k] for k in RUN_KEYS if k in cfg}}
+    models = [_validated({**saved, **{k: cfg[k] for k in given if k in MODEL_KEYS and k in cfg}}), _validated(saved)]
     changes = {}
     for key in given:
-        if key in RUN_KEYS or key == "given" or key not in cfg or cfg[key] == saved.get(key):
+        if key in RUN_KEYS or key in ARGV_KEYS or key not in cfg:
             continue
-        name = f"--{key.replace('_', '-')} {cfg[key]}"
-        if key in FIXED_ON_RESUME and key in saved:
-            raise UsageError(f"{name}: {path} was trained with {key} = {saved[key]}, and a resumed run keeps it "
+        if key in MODEL_KEYS and models[0] is not None and models[1] is not None:
+            if models[0][key] == models[1][key]:  # the same model, however written (omitted keys are v1's)
+                continue
+        elif cfg[key] == saved.get(key):
+            continue
+        name = _flag(cfg, key)
+        if key in FIXED_ON_RESUME and (key in saved or key in MODEL_KEYS):
+            old = saved.get(key, models[1][key] if models[1] is not None and key in MODEL_KEYS else None)
+            was = f"another {key} ({json.dumps(old)})" if isinstance(old, (dict, list)) else f"{key} = {old}"
+            raise UsageError(f"{name}: {path} was trained with {was}, and a resumed run keeps it "
                              f"(a new run needs another --out, or no --resume)")
         changes[key] = [saved.get(key), cfg[key]]
         merged[key] = cfg[key]
@@ -317,23 +386,22 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
                                   f"evaluate and generate read model-only files")
         step = ckpt["step"]
         cfg, changes = _resumed_config(cfg, ckpt["train_config"], step, resume)
-    problem = config_problem(cfg)
+    problem = config_problem(cfg) or model_problem(cfg)
     if problem:  # parse_args checked each flag; here is how they fit the checkpoint's, or a dict from code
         raise UsageError(problem)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_leftovers(out)  # the .tmp of a save that was killed
-    train_config = {k: v for k, v in cfg.items() if k != "given"}
+    train_config = {k: v for k, v in cfg.items() if k not in ARGV_KEYS}
     amp = cfg["amp"] if cfg["amp"] is not None else device.type == "cuda"
 
-    model_config = {k: cfg[k] for k in MODEL_KEYS}
     corpus = load_corpus(cfg["data"], cfg["data_dir"])
     P = cfg["patch_size"]
     if len(corpus.val) < 2 * P:
         raise UsageError(f"--data {cfg['data']}: its validation split holds {len(corpus.val)} bytes, fewer than "
                          f"one window of two patches ({2 * P} bytes)")
     torch.manual_seed(cfg["seed"])
-    model = AGIFORMER(**model_config, backend=cfg["backend"]).to(device)
+    model = AGIFORMER.from_config(model_config(cfg), backend=cfg["backend"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg["warmup"], cfg["steps"], cfg["min_lr_ratio"])
@@ -391,7 +459,7 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
             checkpoint.save(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), sampler=sampler.state_dict(), rng=rngs, step=step,
                             elapsed_s=elapsed, best_val_bpb=best if best_val is None else best_val,
-                            pending=unfinished, changes=history, config=model_config, train_config=train_config)
+                            pending=unfinished, changes=history, config=model.config, train_config=train_config)
 
     def validate(max_bytes: Optional[int]) -> float:
         bpb, _ = bits_per_byte(model, corpus.val, seq_len=cfg["seq_len"], batch_size=cfg["eval_batch_size"],
@@ -517,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="defaults for every flag below (default tiny)")
     g = parser.add_argument_group("model")
+    g.add_argument("--architecture", metavar="FLAVOR|FILE.json",
+                   help=f"the model: a flavor ({', '.join(flavors.names())}) or a JSON file holding a model config, "
+                        f"one layer dict for every layer or a list of layer dicts (see agiformer.components)")
     for key in ("d_model", "n_layers", "num_heads", "patch_size", "window_size", "thinking_steps"):
         g.add_argument("--" + key.replace("_", "-"), type=int)
     g.add_argument("--dropout", type=float)
@@ -535,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
     g.add_argument("--seed", type=int, help="default 0")
     g = parser.add_argument_group("run")
-    g.add_argument("--out", help="output folder (default runs/<preset>)")
+    g.add_argument("--out", help="output folder (default runs/<preset>, or runs/<flavor or file name> with "
+                                 "--architecture)")
     g.add_argument("--resume", help="checkpoint to continue, or 'auto' for <out>/last.pt if present")
     g.add_argument("--eval-every", type=int, help="validate every N steps (the last one on the whole split)")
     g.add_argument("--eval-bytes", type=int, help="periodic validation on the split's first N bytes (0: all)")
@@ -559,14 +631,27 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[dict, bool]:
     given = vars(parser.parse_args(argv))
     quiet = given.pop("quiet", False)
     preset = given.get("preset", "tiny")
-    cfg = {**PRESETS[preset], **FLAG_DEFAULTS, "preset": preset, **given}
+    from_file, spec = {}, given.pop("architecture", None)
+    if spec is not None:
+        try:
+            from_file = read_architecture(spec)
+        except UsageError as e:
+            parser.error(str(e))
+    cfg = {**PRESETS[preset], **FLAG_DEFAULTS, "preset": preset, **from_file, **given}
+    if spec is not None:  # what the file gave counts as given: a resumed run compares it with the checkpoint's
+        cfg["architecture_flag"] = (spec, sorted(k for k in from_file if k not in given))
+        given = {**from_file, **given}
     cfg["device"] = cfg["device"] or default_device()
-    cfg["out"] = cfg["out"] or f"runs/{preset}"
+    cfg["out"] = cfg["out"] or f"runs/{Path(spec).stem if spec is not None else preset}"
     cfg["eval_bytes"] = cfg["eval_bytes"] or None
     cfg["given"] = sorted(given)
     problem = config_problem(cfg, combined=not cfg["resume"])  # resumed: the checkpoint's sizes count
     if problem:
         parser.error(problem)
+    if not cfg["resume"]:  # resumed: the checkpoint's model, which the run checks against its own
+        problem = model_problem(cfg)
+        if problem:
+            parser.error(problem)
     _cli.check_device(parser, cfg["device"])
     _cli.check_backend(parser, cfg["backend"])
     return cfg, quiet

@@ -36,10 +36,16 @@ ENV_VAR = "AGIFORMER_KERNELS_BACKEND"
 # decides as in the decode steps.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 CUDA_FIRST = ("cuda", "triton", "reference")
+# The segment ops' Triton and CUDA kernels pass their tests through the Triton interpreter and the CUDA
+# emulation (tests/cuda_emulation.py) but have not run on a GPU: auto keeps CUDA tensors on the reference until
+# they have; named, they serve.
+UNMEASURED_ON_GPU = ("reference", "triton", "cuda")
 OP_AUTO_ORDER = {
     ("linear_attention_step", "cuda"): CUDA_FIRST,
     ("sliding_window_attention_step", "cuda"): CUDA_FIRST,
     ("gru_patch_sample", "cuda"): CUDA_FIRST,
+    **{(op, "cuda"): UNMEASURED_ON_GPU
+       for op in ("entropy_segments", "segment_pool", "vq_nearest", "vq_ema_update")},
 }
 
 

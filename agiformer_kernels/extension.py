@@ -268,10 +268,10 @@ def _share_cxx_runtime() -> None:
     """Put the C++ runtime torch runs with (libstdc++, already loaded) in the global symbol scope, so our
     libraries bind to its definitions rather than to copies of their own.
 
-    A compiler that links libstdc++ statically leaves such copies in our library (the lent H100 machine's
-    /opt/gcc/bin/g++, GCC 13.3, does: its builds export std::logic_error and the ostream inserters). Torch
-    loads libstdc++ with local scope, so our library found its own copies first: two C++ runtimes in one
-    process, and formatting a number in an error message segfaulted (a null locale facet)."""
+    A compiler that links libstdc++ statically leaves such copies in our library (some GCC builds export
+    std::logic_error and the ostream inserters from it). Torch loads libstdc++ with local scope, so our library
+    would find its own copies first: two C++ runtimes in one process, where formatting a number in an error
+    message segfaults (a null locale facet)."""
     import ctypes
 
     try:

@@ -110,6 +110,16 @@ def gru_patch_sample(dtype, h=256):
             K.gru_patch_sample(*sample_args(x), patch_size=4, byte_table=table, backend="triton")
 
 
+def segment_ops(dtype):
+    logits = torch.randn(2, 50, 256, dtype=dtype)
+    K.entropy_segments(logits, rule="delta", threshold=None, delta=0.1, max_len=8, backend="triton")
+    queries, k, v = _leaves(torch.randn(4, 2, 64, dtype=dtype), torch.randn(40, 2, 64, dtype=dtype),
+                            torch.randn(40, 2, 64, dtype=dtype))
+    offsets = torch.tensor([0, 1, 5, 20, 40], dtype=torch.int32)
+    K.segment_pool(queries, k, v, offsets, backend="triton").float().sum().backward()
+    K.vq_nearest(torch.randn(70, 256, dtype=dtype), torch.randn(300, 256, dtype=dtype), backend="triton")
+
+
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 # op -> (call, dtype) pairs. The GRU's widest tiles come at the largest h each dtype takes:
 # fp64's head tiles overflowed shared memory from h = 64, fp32's weight gradient at h = 1024.
@@ -121,6 +131,7 @@ CASES = {
                   (lambda d: gru_patch(d, h=512), F64)],
     "gru_patch_sample": [(gru_patch_sample, F32), (gru_patch_sample, BF16), (gru_patch_sample, F64),
                          (lambda d: gru_patch_sample(d, h=1024), F64)],
+    "segment_ops": [(segment_ops, F32), (segment_ops, BF16)],
 }
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ the default model's nine MLPs (six blocks, three thinking steps), for no extra m
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,11 +47,12 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
 
 
 class MLP(nn.Sequential):
-    """``nn.Sequential(Linear(d, 4d), GELU(), Linear(4d, d), Dropout(p))`` (v1's state_dict keys
-    ``0.*`` and ``2.*``), computed by ``gelu_mlp``."""
+    """``nn.Sequential(Linear(d, h), GELU(), Linear(h, d), Dropout(p))`` with h = ``hidden`` (v1: 4d; v1's
+    state_dict keys ``0.*`` and ``2.*``), computed by ``gelu_mlp``."""
 
-    def __init__(self, d_model: int, dropout: float):
-        super().__init__(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), Dropout(dropout))
+    def __init__(self, d_model: int, dropout: float, hidden: Optional[int] = None):
+        hidden = 4 * d_model if hidden is None else hidden
+        super().__init__(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model), Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, _, down, dropout = self

@@ -23,12 +23,12 @@
 namespace agf_simd {
 
 // kVecBytes: one vector register; kVecRegs: how many the ISA has; kTileRows: the rows of a GEMM register
-// tile (rows × tile_vecs(rows) accumulator vectors, below), measured per ISA.
+// tile (rows × tile_vecs(rows) accumulator vectors, below), chosen per ISA.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64, kVecRegs = 32, kTileRows = 4;  // 4 × 4 tiles
 #elif defined(__AVX__)
-// 6 × 2 tiles: 15 of 16 ymm; linear attention's fwd + bwd ran 22% faster than with 4 × 3 (16 of 16),
-// whose 8-vector rows split 3 + 3 + 2
+// 6 × 2 tiles: 15 of 16 ymm, and the 64-float rows of linear attention's chunks split into whole tiles;
+// 4 × 3 would take all 16 registers and split those rows 3 + 3 + 2
 constexpr int kVecBytes = 32, kVecRegs = 16, kTileRows = 6;
 #elif defined(__aarch64__) || defined(__ARM_NEON)
 constexpr int kVecBytes = 16, kVecRegs = 32, kTileRows = 4;  // 4 × 4 tiles: 21 of 32 q registers
@@ -96,13 +96,15 @@ inline void prefetch(const void* p, int64_t bytes, bool write = false) {
   }
 }
 
-// exp in fp32: Cephes expf (~1 ulp) on x clamped to [-87.3, 88] (exp(-87.3) is still a normal float),
-// the 2^n scaling done on the exponent bits. NaN stays NaN. Double precision goes lane by lane.
+// exp in fp32: Cephes expf (~1 ulp) on x clamped to [-87.3, 89], the 2^n scaling done on the exponent
+// bits. NaN stays NaN. Below -87.3 it gives exp(-87.3), a normal float (so exp(-inf) is 1.2e-38, not 0).
+// Above 88.38, n = 128 makes the scale +inf: exp(+inf) is +inf, and 0·exp(+inf) NaN as in PyTorch (the
+// clamp at 89 keeps n <= 128; 129 would carry into the sign bit). Double precision goes lane by lane.
 inline vec_t<float> vexp(vec_t<float> x) {
   using V = vec_t<float>;
   using I = Vec<float>::mask;
   x = x < V{} - 87.3f ? V{} - 87.3f : x;
-  x = x > V{} + 88.0f ? V{} + 88.0f : x;
+  x = x > V{} + 89.0f ? V{} + 89.0f : x;
   const V round = V{} + 12582912.0f;  // 1.5 · 2^23: adding and subtracting rounds to nearest
   const V n = (x * 1.44269504088896341f + round) - round;
   const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -121,6 +123,27 @@ inline vec_t<float> vexp(vec_t<float> x) {
 inline vec_t<double> vexp(vec_t<double> x) {
   for (int i = 0; i < Vec<double>::W; ++i) x[i] = std::exp(x[i]);
   return x;
+}
+
+// Whether x[0 .. n) holds no inf and no NaN: x - x is 0 for a finite x, NaN otherwise. Four accumulators,
+// so the adds do not wait on each other.
+template <typename T>
+inline bool all_finite(const T* x, int64_t n) {
+  constexpr int W = Vec<T>::W;
+  vec_t<T> acc[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W)
+    for (int u = 0; u < 4; ++u) {
+      const vec_t<T> v = vload(x + i + u * W);
+      acc[u] += v - v;
+    }
+  for (; i + W <= n; i += W) {
+    const vec_t<T> v = vload(x + i);
+    acc[0] += v - v;
+  }
+  T s = hsum<T>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; i < n; ++i) s += x[i] - x[i];
+  return s == 0;
 }
 
 // ---- Register-tiled small GEMMs on thread-local blocks -------------------------------------------

@@ -5,12 +5,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_dtype.h"
+
 namespace agf {
 
-// Loads widen to fp32 and stores narrow from it: every kernel accumulates in fp32 (fp64 for double).
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
+// Loads widen to the accumulation type (Acc, cuda_dtype.h) and stores narrow from it.
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }

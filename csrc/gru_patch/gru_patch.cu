@@ -1,4 +1,4 @@
-// Fused GRU patch decoder (SPEC §1.3): CUDA kernels. The binding (gru_patch_cuda.cpp) computes the two
+// Fused GRU patch decoder (docs/ops.md §1.3): CUDA kernels. The binding (gru_patch_cuda.cpp) computes the two
 // products that need no recurrence with cuBLAS (byte table 256×3h, context part M×3h) and the weight
 // gradients from the gate gradients stored here; these kernels run the recurrences and the head.
 //
@@ -538,16 +538,6 @@ template <typename T, typename A> cudaError_t ce_bwd_typed(const CeParams& p, cu
   return cudaGetLastError();
 }
 
-template <typename F> cudaError_t by_dtype(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float(), float());
-    case DType::Float64: return f(double(), double());
-    case DType::Float16: return f(__half(), float());
-    case DType::BFloat16: return f(__nv_bfloat16(), float());
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 static_assert(kThreads == kVocab, "the head kernels give one vocabulary entry to each thread");
@@ -556,27 +546,27 @@ static_assert(kMaxHidden % kThreads == 0, "units per thread");
 
 cudaError_t gru_fwd(const FwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto t, auto a) { return fwd_typed<decltype(t), decltype(a)>(p, stream); });
+  return agf::by_dtype(dtype, [&](auto t) { return fwd_typed<decltype(t), agf::acc_t<decltype(t)>>(p, stream); });
 }
 
 cudaError_t gru_bwd(const BwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto t, auto a) { return bwd_typed<decltype(t), decltype(a)>(p, stream); });
+  return agf::by_dtype(dtype, [&](auto t) { return bwd_typed<decltype(t), agf::acc_t<decltype(t)>>(p, stream); });
 }
 
 cudaError_t gru_sample(const SampleParams& p, DType dtype, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto t, auto a) { return sample_typed<decltype(t), decltype(a)>(p, stream); });
+  return agf::by_dtype(dtype, [&](auto t) { return sample_typed<decltype(t), agf::acc_t<decltype(t)>>(p, stream); });
 }
 
 cudaError_t ce_fwd(const CeParams& p, DType dtype, cudaStream_t stream) {
   if (p.R == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto t, auto a) { return ce_fwd_typed<decltype(t), decltype(a)>(p, stream); });
+  return agf::by_dtype(dtype, [&](auto t) { return ce_fwd_typed<decltype(t), agf::acc_t<decltype(t)>>(p, stream); });
 }
 
 cudaError_t ce_bwd(const CeParams& p, DType dtype, cudaStream_t stream) {
   if (p.R == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto t, auto a) { return ce_bwd_typed<decltype(t), decltype(a)>(p, stream); });
+  return agf::by_dtype(dtype, [&](auto t) { return ce_bwd_typed<decltype(t), agf::acc_t<decltype(t)>>(p, stream); });
 }
 
 }  // namespace agf_gru

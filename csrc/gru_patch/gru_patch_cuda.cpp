@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda_dtype.h"
 #include "gru_patch_cuda.h"
 
 namespace {
@@ -21,21 +22,7 @@ namespace {
 using at::Tensor;
 constexpr int64_t kVocab = 256;
 
-agf_gru::DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return agf_gru::DType::Float32;
-    case at::kDouble: return agf_gru::DType::Float64;
-    case at::kHalf: return agf_gru::DType::Float16;
-    case at::kBFloat16: return agf_gru::DType::BFloat16;
-    default: TORCH_CHECK(false, "the CUDA GRU kernels take float16, bfloat16, float32 or float64, got ", t);
-  }
-}
-
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
+agf_gru::DType dtype_of(at::ScalarType t) { return agf::dtype_of<agf_gru::DType>(t, "GRU"); }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -84,7 +71,7 @@ void recurrence_fwd(const Tensor& context, const Tensor& bytes, const Tensor& by
                        context.size(0),
                        static_cast<int>(bytes.size(1)),
                        static_cast<int>(context.size(1))};
-  check_cuda(agf_gru::gru_fwd(p, dtype_of(context.scalar_type()), stream()), "gru_fwd_kernel");
+  agf::check_launch(agf_gru::gru_fwd(p, dtype_of(context.scalar_type()), stream()), "gru_fwd_kernel");
 }
 
 // (dcontext, dbyte_emb, dweight_ih, dweight_hh, dbias_ih, dbias_hh) in the input dtype, from dL/dhidden.
@@ -92,7 +79,7 @@ std::vector<Tensor> recurrence_bwd(const Tensor& grad_hidden, const Tensor& cont
                                    const Tensor& byte_emb, const Tensor& weight_ih, const Tensor& weight_hh,
                                    const Tensor& hidden, const Tensor& gates) {
   const auto dtype = context.scalar_type();
-  const auto a = acc_of(dtype);
+  const auto a = agf::acc_dtype(dtype);
   const int64_t M = context.size(0), P = bytes.size(1), h = context.size(1);
   const Tensor dH = grad_hidden.to(a).contiguous(), hid = hidden.to(a).contiguous(), g = gates.contiguous();
   TORCH_CHECK(hid.sizes() == at::IntArrayRef({M, P, h}) && g.sizes() == at::IntArrayRef({M, P, 4 * h}),
@@ -101,7 +88,7 @@ std::vector<Tensor> recurrence_bwd(const Tensor& grad_hidden, const Tensor& cont
   Tensor dgi = at::empty({M, P, 3 * h}, hid.options()), dgh = at::empty({M, P, 3 * h}, hid.options());
   agf_gru::BwdParams p{dH.data_ptr(), hid.data_ptr(), g.data_ptr(), w_hh.data_ptr(), dgi.data_ptr(),
                        dgh.data_ptr(), M, static_cast<int>(P), static_cast<int>(h)};
-  check_cuda(agf_gru::gru_bwd(p, dtype_of(dtype), stream()), "gru_bwd_kernel");
+  agf::check_launch(agf_gru::gru_bwd(p, dtype_of(dtype), stream()), "gru_bwd_kernel");
   // weight gradients: GEMMs over the stored gate gradients, one index_add for the byte table
   const Tensor w = weight_ih.to(a), ctx = context.to(a);
   const Tensor dgc = dgi.sum(1);
@@ -129,7 +116,7 @@ std::tuple<Tensor, Tensor, Tensor> decode_fwd_cuda(const Tensor& context, const 
   check_inputs(context, byte_emb, weight_ih, weight_hh);
   const c10::cuda::CUDAGuard guard(context.device());
   const auto dtype = context.scalar_type();
-  const auto a = acc_of(dtype);
+  const auto a = agf::acc_dtype(dtype);
   const int64_t M = context.size(0), P = prev_bytes.size(1), h = context.size(1);
   const auto opt = context.options().dtype(a);
   Tensor hid = at::empty({M, P, h}, opt);
@@ -174,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_fwd_cuda
   check_inputs(context, byte_emb, weight_ih, weight_hh);
   TORCH_CHECK(!head_grad, "gru_patch_loss_fwd: head_grad is a CPU-only option");
   const c10::cuda::CUDAGuard guard(context.device());
-  const auto a = acc_of(context.scalar_type());
+  const auto a = agf::acc_dtype(context.scalar_type());
   const int64_t M = context.size(0), P = targets.size(1), h = context.size(1);
   const auto opt = context.options().dtype(a);
   const Tensor y = targets.to(at::kLong).contiguous();
@@ -186,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> loss_fwd_cuda
   const Tensor hw = head_weight.contiguous(), ht = head_weight.t().contiguous(), hb = head_bias.contiguous();
   agf_gru::CeParams p = ce_params(hid, hw, ht, hb, y, lse);
   p.loss = loss.data_ptr();
-  check_cuda(agf_gru::ce_fwd(p, dtype_of(context.scalar_type()), stream()), "ce_fwd_kernel");
+  agf::check_launch(agf_gru::ce_fwd(p, dtype_of(context.scalar_type()), stream()), "ce_fwd_kernel");
   return {loss, lse, save ? hid : at::empty({0, P, h}, opt), gates, at::empty({0, P, h}, opt), at::empty({0}, opt),
           at::empty({0}, opt)};
 }
@@ -198,7 +185,7 @@ std::vector<Tensor> loss_bwd_cuda(const Tensor& grad_loss, const Tensor& context
   check_inputs(context, byte_emb, weight_ih, weight_hh);
   const c10::cuda::CUDAGuard guard(context.device());
   const auto dtype = context.scalar_type();
-  const auto a = acc_of(dtype);
+  const auto a = agf::acc_dtype(dtype);
   const int64_t M = context.size(0), P = targets.size(1), h = context.size(1), R = M * P;
   const auto opt = context.options().dtype(a);
   const Tensor y = targets.to(at::kLong).contiguous();
@@ -215,7 +202,7 @@ std::vector<Tensor> loss_bwd_cuda(const Tensor& grad_loss, const Tensor& context
   p.db = db.data_ptr();
   p.splits = static_cast<int>(splits);
   p.rows_per_split = (blocks + splits - 1) / splits * 16;
-  check_cuda(agf_gru::ce_bwd(p, dtype_of(dtype), stream()), "ce_bwd kernels");
+  agf::check_launch(agf_gru::ce_bwd(p, dtype_of(dtype), stream()), "ce_bwd kernels");
   auto grads = recurrence_bwd(dH, context, teacher_bytes(y, sos), byte_emb, weight_ih, weight_hh, hid, gates);
   grads.push_back(dw.sum(0).to(dtype));
   grads.push_back(db.sum(0).to(dtype));
@@ -238,7 +225,7 @@ Tensor sample_cuda(const Tensor& context, const Tensor& byte_emb, const Tensor& 
                       byte_table->device());
     TORCH_CHECK_VALUE(byte_table->sizes() == at::IntArrayRef({kVocab, 3 * context.size(1)}),
                       "byte_table must be [256, 3h]");
-    table = byte_table->to(acc_of(context.scalar_type())).contiguous();
+    table = byte_table->to(agf::acc_dtype(context.scalar_type())).contiguous();
   }
   const Tensor w_hh_t = weight_hh.t().contiguous(), b_hh = bias_hh.contiguous();
   const Tensor ht = head_weight.t().contiguous(), hb = head_bias.contiguous();
@@ -271,7 +258,7 @@ Tensor sample_cuda(const Tensor& context, const Tensor& byte_emb, const Tensor& 
   p.top_k = static_cast<int>(top_k);
   p.greedy = temperature == 0;
   p.inv_temperature = temperature > 0 ? 1.0 / temperature : 0.0;
-  check_cuda(agf_gru::gru_sample(p, dtype_of(context.scalar_type()), stream()), "gru_sample_kernel");
+  agf::check_launch(agf_gru::gru_sample(p, dtype_of(context.scalar_type()), stream()), "gru_sample_kernel");
   return out;
 }
 

@@ -1,4 +1,4 @@
-// Causal linear attention (SPEC §1.1): schema and CPU kernels (forward, backward, decode step).
+// Causal linear attention (docs/ops.md §1.1): schema and CPU kernels (forward, backward, decode step).
 //
 // One work item is one (sequence or cu_seqlens segment, head), walked chunk by chunk (C = 64 tokens),
 // items spread over threads with at::parallel_for. The chunk's q̂, k̂, v (feature map and scale applied
@@ -275,7 +275,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         gemm(Part::CausalOut, n, round_up(n, W), D, ch.q.data(), Dp, 1, ch.kt.data(), C, A.data(), C, false);
         mask_upper(A.data(), n);
         gemm(Part::Full, n, Dvp, D, ch.q.data(), Dp, 1, S.data(), Dvp, num.data(), Dvp, false);  // earlier chunks
-        gemm(Part::LowerK, n, Dvp, n, A.data(), C, 1, ch.v.data(), Dvp, num.data(), Dvp, true);  // this chunk
+        if (agf_simd::all_finite(ch.v.data(), n * Dvp)) {
+          gemm(Part::LowerK, n, Dvp, n, A.data(), C, 1, ch.v.data(), Dvp, num.data(), Dvp, true);  // this chunk
+        } else {
+          // A tile's rows also multiply the masked zeros above their diagonal by v, and 0·inf is NaN: an inf or
+          // NaN in v_s would reach the outputs t < s of its tile. Row by row, output t reads only s <= t.
+          for (int64_t t = 0; t < n; ++t)
+            agf_simd::gemm_rows<T>(1, &A[t * C], C, 1, ch.v.data(), Dvp, &num[t * Dvp], Dvp, 0, t + 1, 0, Dvp / W,
+                                   true);
+        }
         for (int64_t t = 0; t < n; ++t) {
           T* nr = &num[t * Dvp];
           if (p.normalize) {

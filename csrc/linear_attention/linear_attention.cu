@@ -1,4 +1,4 @@
-// CUDA kernels of causal linear attention (SPEC §1.1), chunked in C = 64 tokens; fp32 accumulation
+// CUDA kernels of causal linear attention (docs/ops.md §1.1), chunked in C = 64 tokens; fp32 accumulation
 // and fp32 states for fp32/fp16/bf16 inputs; feature map and normalizer fused. sm_80 and sm_90.
 //
 // forward   chunk_states_fwd_kernel   grid (n·H, Dv/32), 256 threads: walks its sequence's chunks in
@@ -616,30 +616,15 @@ cudaError_t step_typed(const StepParams& p, cudaStream_t stream) {
 }
 
 cudaError_t fwd(const FwdParams& p, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::Float32: return fwd_typed<float>(p, stream);
-    case DType::Float16: return fwd_typed<__half>(p, stream);
-    case DType::BFloat16: return fwd_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return agf::by_dtype(dtype, [&](auto t) { return fwd_typed<decltype(t)>(p, stream); });
 }
 
 cudaError_t bwd(const BwdParams& p, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::Float32: return bwd_typed<float>(p, stream);
-    case DType::Float16: return bwd_typed<__half>(p, stream);
-    case DType::BFloat16: return bwd_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return agf::by_dtype(dtype, [&](auto t) { return bwd_typed<decltype(t)>(p, stream); });
 }
 
 cudaError_t step(const StepParams& p, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::Float32: return step_typed<float>(p, stream);
-    case DType::Float16: return step_typed<__half>(p, stream);
-    case DType::BFloat16: return step_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return agf::by_dtype(dtype, [&](auto t) { return step_typed<decltype(t)>(p, stream); });
 }
 
 }  // namespace agf_la

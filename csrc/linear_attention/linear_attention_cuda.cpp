@@ -12,26 +12,18 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda_dtype.h"
 #include "linear_attention_cuda.h"
 
 namespace {
 
 agf_la::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return agf_la::DType::Float32;
-    case at::kHalf: return agf_la::DType::Float16;
-    case at::kBFloat16: return agf_la::DType::BFloat16;
-    default: TORCH_CHECK(false, "the CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
-  }
+  return agf::dtype_of<agf_la::DType>(t.scalar_type(), "linear attention");
 }
 
 at::Tensor last_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
 agf_la::Rows rows(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-
-void check_cuda_error(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   AGF_CHECK_DIM(q, 4);
@@ -114,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       normalize ? den.data_ptr<float>() : nullptr, S.data_ptr<float>(), z.data_ptr<float>(),
                       chunk_S.data_ptr<float>(), chunk_z.data_ptr<float>(), seq,
                       options(q, v, feature_map, feature_eps, scale, eps, normalize)};
-  check_cuda_error(agf_la::fwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "linear_attention_fwd (CUDA)");
+  agf::check_launch(agf_la::fwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "linear_attention_fwd (CUDA)");
   return {o, den, S, z, chunk_S, chunk_z};
 }
 
@@ -151,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
                       optional_state(dS_c, {n, H, D, Dv}, "dS"), optional_state(dz_c, {n, H, D}, "dz"),
                       dS0.data_ptr<float>(), dz0.data_ptr<float>(), seq,
                       options(q, v, feature_map, feature_eps, scale, eps, normalize)};
-  check_cuda_error(agf_la::bwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "linear_attention_bwd (CUDA)");
+  agf::check_launch(agf_la::bwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "linear_attention_bwd (CUDA)");
   return {dq, dk, dv, dS0, dz0};
 }
 
@@ -177,7 +169,7 @@ at::Tensor linear_attention_step_cuda(const at::Tensor& q_, const at::Tensor& k_
                        v.stride(0), v.stride(1), S.data_ptr<float>(), z.data_ptr<float>(), o.data_ptr(),
                        static_cast<int>(B), static_cast<int>(H),
                        options(q, v, feature_map, feature_eps, scale, eps, normalize)};
-  check_cuda_error(agf_la::step(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "linear_attention_step (CUDA)");
+  agf::check_launch(agf_la::step(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "linear_attention_step (CUDA)");
   return o;
 }
 

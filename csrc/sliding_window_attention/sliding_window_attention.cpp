@@ -1,4 +1,4 @@
-// Causal sliding-window attention on the CPU: forward, backward and the decode step (SPEC §1.2).
+// Causal sliding-window attention on the CPU: forward, backward and the decode step (docs/ops.md §1.2).
 //
 // Query i attends keys j with max(i - window + 1, seg_start[i]) <= j <= i. Work per query block is
 // O(BQ · (BQ + window)) and memory O(L) besides the inputs: nothing of size L x window is stored;
@@ -40,7 +40,7 @@ using agf_simd::vstore;
 constexpr int BQ = 64;                   // queries per block: a multiple of every vector length
 constexpr int KC = 256;                  // keys per chunk
 // Rows per GEMM tile (× agf_simd::tile_vecs(MR) vectors), a divisor of BQ and KC: 4 × 4 on 32 vector
-// registers (AVX-512, NEON); 8 × 1 on 16 (AVX2, SSE), where fwd + bwd ran 15% faster than with 4 × 3.
+// registers (AVX-512, NEON); 8 × 1 on 16 (AVX2, SSE), where 4 × 3 would take all 16 registers.
 constexpr int MR = agf_simd::kVecRegs >= 32 ? 4 : 8;
 static_assert(BQ % MR == 0 && KC % MR == 0, "query blocks and key chunks hold whole tiles");
 
@@ -231,6 +231,36 @@ template <typename T> void softmax_grad(T* drow, const T* prow, int first, int l
   }
 }
 
+// Output row i (absolute) by the definition: softmax over i's visible keys only, then those keys' values.
+// The strips of fwd_block also multiply the masked probabilities (0) of keys a query does not see by those keys'
+// values, and 0·inf is NaN: an inf or NaN in v would reach queries of its strip that never see it. fwd_block
+// redoes the rows that came out non-finite here.
+template <typename T>
+void exact_row(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t h, const Block& blk, int i,
+               const Shape& s, T scale, T* dst) {
+  const int lo = blk.key_lo(i);
+  const T* qi = q.row(b, i, h);
+  std::vector<T> p(i - lo + 1);
+  T mx = neg_inf<T>();
+  for (int j = lo; j <= i; ++j) {
+    const T* kj = k.row(b, j, h);
+    T dot = 0;
+    for (int d = 0; d < s.D; ++d) dot += qi[d] * scale * kj[d];
+    p[j - lo] = dot;
+    mx = std::max(mx, dot);  // skips a NaN score, which then makes the sum NaN
+  }
+  T sum = 0;
+  for (T& x : p) {
+    x = std::exp(x - mx);
+    sum += x;
+  }
+  for (int e = 0; e < s.Dv; ++e) {
+    T acc = 0;
+    for (int j = lo; j <= i; ++j) acc += p[j - lo] * v.row(b, j, h)[e];
+    dst[e] = acc / sum;
+  }
+}
+
 template <typename T>
 void fwd_block(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const Rows<T>& o, T* lse_bh, int64_t b,
                int64_t h, const Block& blk, const Shape& s, T scale, Workspace<T>& ws) {
@@ -271,10 +301,15 @@ void fwd_block(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const Rows<
                           true);
     }
   }
+  const bool finite = agf_simd::all_finite(ws.out.data(), blk.nq * ws.Dvp);  // one look for the common case
   for (int i = 0; i < blk.nq; ++i) {
     T* dst = o.row(b, blk.q0 + i, h);
     const T inv = T(1) / l[i];
-    for (int e = 0; e < s.Dv; ++e) dst[e] = ws.out[i * ws.Dvp + e] * inv;
+    if (finite || agf_simd::all_finite(&ws.out[i * ws.Dvp], s.Dv)) {
+      for (int e = 0; e < s.Dv; ++e) dst[e] = ws.out[i * ws.Dvp + e] * inv;
+    } else {
+      exact_row(q, k, v, b, h, blk, blk.q0 + i, s, scale, dst);
+    }
     lse_bh[blk.q0 + i] = m[i] + std::log(l[i]);
   }
 }

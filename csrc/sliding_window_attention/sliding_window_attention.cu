@@ -471,30 +471,15 @@ template <typename T> cudaError_t step_typed(const StepParams& p, cudaStream_t s
 }  // namespace
 
 cudaError_t fwd(const FwdParams& p, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::Float32: return fwd_typed<float>(p, stream);
-    case DType::Float16: return fwd_typed<__half>(p, stream);
-    case DType::BFloat16: return fwd_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return agf::by_dtype(dtype, [&](auto t) { return fwd_typed<decltype(t)>(p, stream); });
 }
 
 cudaError_t bwd(const BwdParams& p, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::Float32: return bwd_typed<float>(p, stream);
-    case DType::Float16: return bwd_typed<__half>(p, stream);
-    case DType::BFloat16: return bwd_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return agf::by_dtype(dtype, [&](auto t) { return bwd_typed<decltype(t)>(p, stream); });
 }
 
 cudaError_t step(const StepParams& p, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::Float32: return step_typed<float>(p, stream);
-    case DType::Float16: return step_typed<__half>(p, stream);
-    case DType::BFloat16: return step_typed<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return agf::by_dtype(dtype, [&](auto t) { return step_typed<decltype(t)>(p, stream); });
 }
 
 }  // namespace agf_swa

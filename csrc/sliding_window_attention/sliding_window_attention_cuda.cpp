@@ -10,27 +10,19 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "cuda_dtype.h"
 #include "sliding_window_attention_cuda.h"
 
 namespace {
 
 agf_swa::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return agf_swa::DType::Float32;
-    case at::kHalf: return agf_swa::DType::Float16;
-    case at::kBFloat16: return agf_swa::DType::BFloat16;
-    default: TORCH_CHECK(false, "the CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
-  }
+  return agf::dtype_of<agf_swa::DType>(t.scalar_type(), "sliding-window attention");
 }
 
 // A view the kernels can index by (b, l, h) strides: the last dimension must be contiguous.
 at::Tensor rows_view(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 agf_swa::Rows rows(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-
-void check_cuda_error(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seg_start,
                   const at::Tensor& seg_end, int64_t window) {
@@ -67,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q_, const at::
                        static_cast<int>(B), static_cast<int>(L), static_cast<int>(H), static_cast<int>(q.size(3)),
                        static_cast<int>(v.size(3)), static_cast<int>(std::min<int64_t>(window, L)),
                        static_cast<float>(scale * 1.4426950408889634)};
-  check_cuda_error(agf_swa::fwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "sliding_window_attention_fwd");
+  agf::check_launch(agf_swa::fwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "sliding_window_attention_fwd");
   return {o, lse};
 }
 
@@ -96,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& gr
                        static_cast<int>(q.size(3)), static_cast<int>(v.size(3)),
                        static_cast<int>(std::min<int64_t>(window, L)), static_cast<float>(scale),
                        static_cast<float>(scale * 1.4426950408889634)};
-  check_cuda_error(agf_swa::bwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "sliding_window_attention_bwd");
+  agf::check_launch(agf_swa::bwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "sliding_window_attention_bwd");
   return {dq, dk, dv};
 }
 
@@ -126,7 +118,7 @@ at::Tensor swa_step_cuda(const at::Tensor& q_, const at::Tensor& k_, const at::T
                         pos.data_ptr<int64_t>(), o.data_ptr(), static_cast<int>(B), static_cast<int>(H),
                         static_cast<int>(D), static_cast<int>(Dv), static_cast<int>(W),
                         static_cast<float>(scale * 1.4426950408889634)};
-  check_cuda_error(agf_swa::step(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "sliding_window_attention_step");
+  agf::check_launch(agf_swa::step(p, dtype_of(q), c10::cuda::getCurrentCUDAStream()), "sliding_window_attention_step");
   return o;
 }
 

@@ -19,7 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "sm90_compile.py"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the Triton tests compile the kernels for real")
-@pytest.mark.parametrize("op", ["linear_attention", "sliding_window_attention", "gru_patch", "gru_patch_sample"])
+@pytest.mark.parametrize("op", ["linear_attention", "sliding_window_attention", "gru_patch", "gru_patch_sample",
+                                "segment_ops"])
 def test_triton_kernels_compile_for_sm90(op):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
