@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .cards import Carded
 from .components import BLOCKS, EMBEDDINGS, HEADS, NORMS, TOPS, Context, build, validate
 from .components.config import SIZES, layers
 
@@ -16,7 +17,7 @@ DEFAULT_CONFIG = dict(SIZES)
 LayerState = tuple  # one state per mixer of the block (v1: (window ring buffers, linear-attention (S, z)))
 
 
-class AGIFORMER(nn.Module):
+class AGIFORMER(Carded, nn.Module):
     """Byte-level language model: bytes → patches (``encoder``) → ``n_layers`` blocks → ``norm_f`` → a top
     stage (v1: ``reasoning``) → a ``head`` that decodes the P bytes of the next patch from each patch's latent.
 

@@ -7,6 +7,7 @@ pure-PyTorch reference, a C++ CPU, a Triton and a CUDA backend (``backend=`` arg
 """
 
 from .backends import BackendError, available_backends
+from .cards import algorithm
 from .ops.entropy_segments import entropy_segments, segment_offsets
 from .ops.gru_patch import gru_patch_byte_table, gru_patch_decode, gru_patch_loss, gru_patch_sample
 from .ops.linear_attention import linear_attention, linear_attention_step
@@ -16,6 +17,7 @@ from .ops.vq_nearest import vq_ema_update, vq_nearest
 
 __all__ = [
     "BackendError",
+    "algorithm",
     "available_backends",
     "entropy_segments",
     "gru_patch_byte_table",

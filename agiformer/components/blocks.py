@@ -9,6 +9,7 @@ state being the tuple of its mixers' states. A registered block's constructor ta
 
 from __future__ import annotations
 
+from ..cards import Carded
 from typing import Union
 
 import torch
@@ -24,7 +25,7 @@ Positions = Union[int, torch.Tensor]
 State = tuple
 
 
-class MixerBlock(nn.Module):
+class MixerBlock(Carded, nn.Module):
     """What the blocks share: the mixers, each stored under its ``slot`` (a second mixer of the same slot gets
     ``<slot>_<index>``), summed over one input."""
 

@@ -6,6 +6,7 @@ has ``step(patch [B, patch_size], pos) -> [B, d_model]`` for one complete patch 
 
 from __future__ import annotations
 
+from ..cards import Carded
 from agiformer_kernels.nn import ByteLatentEncoder
 
 from .registry import Context, Registry
@@ -14,7 +15,7 @@ EMBEDDINGS = Registry("embedding", "embedding_cls")
 
 
 @EMBEDDINGS.register("byte_patch")
-class BytePatchEmbedding(ByteLatentEncoder):
+class BytePatchEmbedding(Carded, ByteLatentEncoder):
     """v1's encoder: Embedding → Conv1d over each patch (kernel = stride = patch_size) → RoPE → LayerNorm →
     dropout."""
 

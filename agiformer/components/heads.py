@@ -8,6 +8,7 @@ A head has ``forward(latent, target_bytes=None, temperature=0.0, *, top_k=None, 
 
 from __future__ import annotations
 
+from ..cards import Carded
 from agiformer_kernels.nn import LocalAutoregressiveHead
 
 from .registry import Context, Registry, require_int
@@ -16,7 +17,7 @@ HEADS = Registry("head", "head_cls")
 
 
 @HEADS.register("gru_patch")
-class GRUPatchHead(LocalAutoregressiveHead):
+class GRUPatchHead(Carded, LocalAutoregressiveHead):
     """v1's byte decoder: proj_latent → a GRU (width ``hidden_dim``, v1 256) over the patch's bytes →
     256 logits per byte, on the fused ``gru_patch_*`` ops."""
 

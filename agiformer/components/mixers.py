@@ -14,6 +14,7 @@ keep their keys).
 
 from __future__ import annotations
 
+from ..cards import Carded
 from typing import Optional, Union
 
 import torch
@@ -32,7 +33,7 @@ Positions = Union[int, torch.Tensor]
 
 
 @MIXERS.register("window_attention")
-class WindowAttention(SlidingWindowAttention):
+class WindowAttention(Carded, SlidingWindowAttention):
     """v1's local branch: softmax attention over the last ``window_size`` positions (default: the model's),
     on ``sliding_window_attention``. Streams with a ring buffer of the last ``window_size`` keys and values:
     O(window) per step, a fixed-size state."""
@@ -46,7 +47,7 @@ class WindowAttention(SlidingWindowAttention):
 
 
 @MIXERS.register("linear_attention")
-class LinearAttentionMixer(LinearAttention):
+class LinearAttentionMixer(Carded, LinearAttention):
     """v1's global branch: causal linear attention (elu+1 features, normalised) with its out_proj, LayerNorm
     and dropout, on ``linear_attention``. Streams with the (S, z) state: O(1) per step, a fixed-size state."""
 
@@ -81,7 +82,7 @@ SDPA_MIN_CPU_LENGTH = 2048
 
 
 @MIXERS.register("causal_attention")
-class CausalAttention(nn.Module):
+class CausalAttention(Carded, nn.Module):
     """Full causal softmax attention: each position attends every earlier one and itself.
 
     Runs on ``sliding_window_attention`` with window = L (O(L) memory in the C++, Triton and CUDA kernels) or,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..cards import Carded
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ ACTIVATIONS = {
 
 
 @MLPS.register("mlp")
-class GeluMLP(MLP):
+class GeluMLP(Carded, MLP):
     """v1's MLP: Linear(d, n_inner) → exact GELU → Linear(n_inner, d) → dropout (n_inner default 4d), on
     ``gelu_mlp``, which recomputes the GELU in backward instead of keeping its output."""
 
@@ -35,7 +36,7 @@ class GeluMLP(MLP):
 
 
 @MLPS.register("glu")
-class GLU(nn.Module):
+class GLU(Carded, nn.Module):
     """Gated linear unit: [a | b] = fc1(x), fc2(act_fn(a) ⊙ b), dropout (act_fn "silu": SwiGLU, "gelu": GeGLU).
 
     ``n_inner`` defaults to 8d/3 rounded up to a multiple of 8, which gives the ``mlp``'s parameter count.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..cards import Carded
 import torch.nn as nn
 
 from .registry import Context, Registry
@@ -16,7 +17,7 @@ def _eps(eps: float) -> float:
 
 
 @NORMS.register("layer")
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(Carded, nn.LayerNorm):
     """v1's ``nn.LayerNorm(d_model)`` (weight and bias)."""
 
     def __init__(self, ctx: Context, *, eps: float = 1e-5):
@@ -24,7 +25,7 @@ class LayerNorm(nn.LayerNorm):
 
 
 @NORMS.register("rms")
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(Carded, nn.RMSNorm):
     """``nn.RMSNorm(d_model)``: x / rms(x) · weight, no mean subtraction and no bias."""
 
     def __init__(self, ctx: Context, *, eps: float = 1e-6):

@@ -6,6 +6,7 @@ it on one latent per step. ``slot`` is its attribute name in the model (v1's ``r
 
 from __future__ import annotations
 
+from ..cards import Carded
 from typing import Optional
 
 import torch.nn as nn
@@ -18,7 +19,7 @@ TOPS = Registry("top stage", "top_cls")
 
 
 @TOPS.register("reasoning")
-class Reasoning(RecurrentReasoningBlock):
+class Reasoning(Carded, RecurrentReasoningBlock):
     """v1's gated thinking loop: ``thinking_steps`` times (default: the model's), n = norm(x);
     x = x + σ(gate(n)) ⊙ think_mlp(n), weights shared across steps."""
 
@@ -31,7 +32,7 @@ class Reasoning(RecurrentReasoningBlock):
 
 
 @TOPS.register("none")
-class NoTop(nn.Identity):
+class NoTop(Carded, nn.Identity):
     """No top stage: the final norm's output goes to the head."""
 
     slot = "identity"
