@@ -16,7 +16,7 @@ def model_of(args: argparse.Namespace) -> AGIFORMER:
     if args.checkpoint:
         from .checkpoint import load_model
 
-        return load_model(args.checkpoint)
+        return load_model(args.checkpoint)[0]  # (model, checkpoint)
     if args.architecture:
         return AGIFORMER.from_config(json.loads(Path(args.architecture).read_text()))
     return AGIFORMER.from_config(flavors.flavor(args.preset or "v1"))

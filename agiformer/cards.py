@@ -91,7 +91,7 @@ def _norm(m: nn.Module) -> Card:
     step = ("x / √(mean(x²) + ε) ⊙ γ" if rms else "(x − mean(x)) / √(var(x) + ε) ⊙ γ + β")
     return Card("RMSNorm" if rms else "LayerNorm", "norm", [Var("x", ("…", "d"))], [Var("y", ("…", "d"))],
                 [Hyper("d", d, "d_model"), Hyper("ε", eps, "eps")], params,
-                [Step("return", step, ("…", "d"), "over the last axis", output=True)], sizes={"d": d})
+                [Step("return", step, ("…", "d"), "over the last axis", at="", output=True)], sizes={"d": d})
 
 
 # --- MLPs ---------------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def _mix_steps(m: nn.Module, into: str) -> list[Step]:
     for i, slot in enumerate(m.mixer_slots):
         name = card_of(getattr(m, slot)).name
         expr = f"{into} ← {name}(u | θ_{slot})" if i == 0 else f"{into} ← {into} + {name}(u | θ_{slot})"
-        steps.append(Step("bind" if i == 0 else "update", expr, X, at=slot if i == 0 else None))
+        steps.append(Step("bind" if i == 0 else "update", expr, X, at=slot))  # the mixer's output
     return steps
 
 
