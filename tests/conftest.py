@@ -48,7 +48,7 @@ def seeded():
 
 def pytest_runtest_logreport(report):
     """With AGIFORMER_TEST_FAILURE_LOG set, append each failure's traceback to that file as it happens, so a
-    run cut short by a time limit (a lent GPU's) still leaves every failure it saw."""
+    run cut short by a time limit still leaves every failure it saw."""
     path = os.environ.get("AGIFORMER_TEST_FAILURE_LOG")
     if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # once, in the controller
         with open(path, "a") as f:

@@ -13,7 +13,7 @@ def test_public_api_is_exported():
 def test_extension_libraries_bind_to_the_process_cxx_runtime():
     """Loading an op's library first makes torch's libstdc++ global, so a library that carries its own copy of
     libstdc++ (a compiler that links it statically) still binds to the process's: with its own copy, formatting
-    a number in a C++ error message segfaulted (found on the lent H100 machine)."""
+    a number in a C++ error message segfaults."""
     import ctypes
 
     import pytest
