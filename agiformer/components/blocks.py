@@ -56,6 +56,18 @@ class MixerBlock(Carded, nn.Module):
     def _mix_step(self, u: torch.Tensor, state: State, pos: Positions) -> torch.Tensor:
         return _sum([m.step(u, s, pos) for m, s in zip(self.mixers, state)])
 
+    # Hybrid and sequential blocks: every mixer reads norm1(x), the rest is the subclass's ``_finish(x, mixed)``
+    # (the parallel block overrides these three).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._finish(x, self._mix(self.norm1(x)))
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+        mixed, state = self._mix_prefill(self.norm1(x))
+        return self._finish(x, mixed), state
+
+    def step(self, x: torch.Tensor, state: State, pos: Positions) -> torch.Tensor:
+        return self._finish(x, self._mix_step(self.norm1(x), state, pos))
+
 
 def _sum(outs) -> torch.Tensor:
     total = outs[0]
@@ -81,16 +93,6 @@ class HybridBlock(MixerBlock):
         x = x + self.out_proj(mixed)
         return x + self.mlp(self.norm_mlp(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(x, self._mix(self.norm1(x)))
-
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
-        mixed, state = self._mix_prefill(self.norm1(x))
-        return self._finish(x, mixed), state
-
-    def step(self, x: torch.Tensor, state: State, pos: Positions) -> torch.Tensor:
-        return self._finish(x, self._mix_step(self.norm1(x), state, pos))
-
 
 @BLOCKS.register("sequential")
 class SequentialBlock(MixerBlock):
@@ -106,16 +108,6 @@ class SequentialBlock(MixerBlock):
     def _finish(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         x = x + mixed
         return x + self.mlp(self.norm_mlp(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(x, self._mix(self.norm1(x)))
-
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, State]:
-        mixed, state = self._mix_prefill(self.norm1(x))
-        return self._finish(x, mixed), state
-
-    def step(self, x: torch.Tensor, state: State, pos: Positions) -> torch.Tensor:
-        return self._finish(x, self._mix_step(self.norm1(x), state, pos))
 
 
 @BLOCKS.register("parallel")
