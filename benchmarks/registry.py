@@ -56,6 +56,21 @@ def impl(op: str, name: str, run, available=None, alternative: bool = False) -> 
     return i
 
 
+def backend_available(name: str, op: str) -> Callable[[Case], Optional[str]]:
+    """An ``available`` for our ``name`` backend of ``op``: what ``available_backends`` says on the case's device.
+    Triton on CPU tensors runs only through its interpreter, a test tool, so it is not timed there."""
+
+    def available(c: Case) -> Optional[str]:
+        if name == "triton" and c.device != "cuda":
+            return "triton runs CPU tensors only through its interpreter (a test tool)"
+        from agiformer_kernels import available_backends
+
+        why = available_backends(c.device)[op][name]
+        return None if why == "available" else why
+
+    return available
+
+
 def load_all() -> None:
     """Import every case file (each registers on import)."""
     import importlib

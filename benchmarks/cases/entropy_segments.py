@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from agiformer_kernels import available_backends, entropy_segments
-from benchmarks.registry import case, impl
+from agiformer_kernels import entropy_segments
+from benchmarks.registry import backend_available, case, impl
 
 OP = "entropy_segments"
 
@@ -29,16 +29,6 @@ def entropy_case(B, L, V, device, dtype, **kw):
          bytes=B * L * V * size, params=dict(B=B, L=L, V=V), **kw)
 
 
-def _available(name: str):
-    def available(c):
-        if name == "triton" and c.device != "cuda":
-            return "triton runs CPU tensors only through its interpreter (a test tool)"
-        why = available_backends(c.device)[OP].get(name, "not implemented")
-        return None if why == "available" else why
-
-    return available
-
-
 def _ours(backend: str):
     def run(inputs):
         return entropy_segments(inputs["logits"], rule="delta", threshold=None, delta=0.2, backend=backend)
@@ -47,7 +37,7 @@ def _ours(backend: str):
 
 
 for _name in ("reference", "cpu", "triton", "cuda"):
-    impl(OP, _name, _ours(_name), available=_available(_name))
+    impl(OP, _name, _ours(_name), available=backend_available(_name, OP))
 
 
 def softmax_entropy(inputs):

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agiformer_kernels import (available_backends, gru_patch_byte_table, gru_patch_decode, gru_patch_loss,
-                               gru_patch_sample)
-from benchmarks.registry import case, impl
+from agiformer_kernels import gru_patch_byte_table, gru_patch_decode, gru_patch_loss, gru_patch_sample
+from benchmarks.registry import backend_available, case, impl
 
 DECODE_OP = "gru_patch_decode"
 LOSS_OP = "gru_patch_loss"
@@ -67,16 +66,6 @@ def _weights(inputs):
 
 def _prev_bytes(targets):
     return torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], 1)
-
-
-def _available(name: str, op: str):
-    def available(c):
-        if name == "triton" and c.device != "cuda":
-            return "triton runs CPU tensors only through its interpreter (a test tool)"
-        why = available_backends(c.device)[op][name]
-        return None if why == "available" else why
-
-    return available
 
 
 # ------------------------------------------------------------------ ours
@@ -146,15 +135,15 @@ def v1_loop(temperature):
 
 
 for _name in BACKENDS:
-    impl(DECODE_OP, _name, _decode(_name), available=_available(_name, DECODE_OP))
-    impl(LOSS_OP, _name, _loss(_name), available=_available(_name, LOSS_OP))
+    impl(DECODE_OP, _name, _decode(_name), available=backend_available(_name, DECODE_OP))
+    impl(LOSS_OP, _name, _loss(_name), available=backend_available(_name, LOSS_OP))
 impl(DECODE_OP, "v1-nn.GRU", v1_hidden, alternative=True)
 impl(LOSS_OP, "v1-nn.GRU", v1_loss, alternative=True)
 
 # sampling: greedy and T = 1 are separate ops, so the runner compares each with the v1 loop of its kind
 for _t, _op in ((0.0, SAMPLE_OP), (1.0, SAMPLE_OP + "_t1")):
     for _name in BACKENDS:
-        impl(_op, _name, _sample(_name, _t), available=_available(_name, SAMPLE_OP))
+        impl(_op, _name, _sample(_name, _t), available=backend_available(_name, SAMPLE_OP))
     impl(_op, "v1-loop", v1_loop(_t), alternative=True)
 
 

@@ -14,8 +14,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from agiformer_kernels import available_backends, linear_attention, linear_attention_step
-from benchmarks.registry import case, impl
+from agiformer_kernels import linear_attention, linear_attention_step
+from benchmarks.registry import backend_available, case, impl
 
 OP = "linear_attention"
 STEP_OP = "linear_attention_step"
@@ -45,16 +45,6 @@ def attention_case(B, L, H, D, device, dtype, **kw):
 # ------------------------------------------------------------------ ours
 
 
-def _available(name: str, op: str = OP):
-    def available(c):
-        if name == "triton" and c.device != "cuda":
-            return "triton runs CPU tensors only through its interpreter (a test tool)"
-        why = available_backends(c.device)[op][name]
-        return None if why == "available" else why
-
-    return available
-
-
 def _ours(backend: str):
     def run(inputs):
         return linear_attention(inputs["q"], inputs["k"], inputs["v"], backend=backend)
@@ -63,7 +53,7 @@ def _ours(backend: str):
 
 
 for _name in ("reference", "cpu", "triton", "cuda"):
-    impl(OP, _name, _ours(_name), available=_available(_name))
+    impl(OP, _name, _ours(_name), available=backend_available(_name, OP))
 
 
 # ------------------------------------------------------------------ alternatives
@@ -153,8 +143,8 @@ def cpu_op_step(inputs):
 
 
 for _name in ("reference", "cpu", "triton", "cuda"):
-    impl(STEP_OP, _name, _ours_step(_name), available=_available(_name, STEP_OP))
-impl(STEP_OP, "cpu-op", cpu_op_step, available=_available("cpu", STEP_OP))
+    impl(STEP_OP, _name, _ours_step(_name), available=backend_available(_name, STEP_OP))
+impl(STEP_OP, "cpu-op", cpu_op_step, available=backend_available("cpu", STEP_OP))
 impl(STEP_OP, "torch-ops", torch_step, alternative=True)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from agiformer_kernels import available_backends, segment_pool
-from benchmarks.registry import case, impl
+from agiformer_kernels import segment_pool
+from benchmarks.registry import backend_available, case, impl
 
 OP = "segment_pool"
 
@@ -52,16 +52,6 @@ def pool_case(B, L, H, D, Q, mean, device, dtype, **kw):
          flops=4 * D * T * Q * H, bytes=2 * T * H * D * size, params=dict(B=B, L=L, H=H, D=D, Q=Q, mean=mean), **kw)
 
 
-def _available(name: str):
-    def available(c):
-        if name == "triton" and c.device != "cuda":
-            return "triton runs CPU tensors only through its interpreter (a test tool)"
-        why = available_backends(c.device)[OP].get(name, "not implemented")
-        return None if why == "available" else why
-
-    return available
-
-
 def _ours(backend: str):
     def run(inputs):
         return segment_pool(inputs["queries"], inputs["k"], inputs["v"], inputs["offsets"], backend=backend)
@@ -70,7 +60,7 @@ def _ours(backend: str):
 
 
 for _name in ("reference", "cpu", "triton", "cuda"):
-    impl(OP, _name, _ours(_name), available=_available(_name))
+    impl(OP, _name, _ours(_name), available=backend_available(_name, OP))
 
 
 def sdpa_dense(inputs):

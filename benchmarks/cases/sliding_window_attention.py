@@ -13,8 +13,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from agiformer_kernels import available_backends, sliding_window_attention, sliding_window_attention_step
-from benchmarks.registry import case, impl
+from agiformer_kernels import sliding_window_attention, sliding_window_attention_step
+from benchmarks.registry import backend_available, case, impl
 
 OP = "sliding_window_attention"
 STEP_OP = "sliding_window_attention_step"
@@ -45,16 +45,6 @@ def attention_case(B, L, H, D, window, device, dtype, **kw):
 # ------------------------------------------------------------------ ours
 
 
-def _available(name: str, op: str = OP):
-    def available(c):
-        if name == "triton" and c.device != "cuda":
-            return "triton runs CPU tensors only through its interpreter (a test tool)"
-        why = available_backends(c.device)[op][name]
-        return None if why == "available" else why
-
-    return available
-
-
 def _ours(backend: str):
     def run(inputs):
         return sliding_window_attention(inputs["q"], inputs["k"], inputs["v"], inputs["window"], backend=backend)
@@ -63,7 +53,7 @@ def _ours(backend: str):
 
 
 for _name in ("reference", "cpu", "triton", "cuda"):
-    impl(OP, _name, _ours(_name), available=_available(_name))
+    impl(OP, _name, _ours(_name), available=backend_available(_name, OP))
 
 
 # ------------------------------------------------------------------ alternatives
@@ -202,7 +192,7 @@ def torch_step(inputs):
 
 
 for _name in ("reference", "cpu", "triton", "cuda"):
-    impl(STEP_OP, _name, _ours_step(_name), available=_available(_name, STEP_OP))
+    impl(STEP_OP, _name, _ours_step(_name), available=backend_available(_name, STEP_OP))
 impl(STEP_OP, "torch-sdpa", torch_step, alternative=True)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from agiformer_kernels import available_backends, vq_nearest
-from benchmarks.registry import case, impl
+from agiformer_kernels import vq_nearest
+from benchmarks.registry import backend_available, case, impl
 
 OP = "vq_nearest"
 
@@ -29,16 +29,6 @@ def vq_case(N, K, D, device, dtype, **kw):
          bytes=(N + K) * D * size, params=dict(N=N, K=K, D=D), **kw)
 
 
-def _available(name: str):
-    def available(c):
-        if name == "triton" and c.device != "cuda":
-            return "triton runs CPU tensors only through its interpreter (a test tool)"
-        why = available_backends(c.device)[OP].get(name, "not implemented")
-        return None if why == "available" else why
-
-    return available
-
-
 def _ours(backend: str):
     def run(inputs):
         return vq_nearest(inputs["z"], inputs["codebook"], backend=backend)
@@ -47,7 +37,7 @@ def _ours(backend: str):
 
 
 for _name in ("reference", "cpu", "triton", "cuda"):
-    impl(OP, _name, _ours(_name), available=_available(_name))
+    impl(OP, _name, _ours(_name), available=backend_available(_name, OP))
 
 
 def cdist_argmin(inputs):
