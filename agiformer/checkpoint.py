@@ -1,14 +1,21 @@
 """Checkpoints: ours (model, optimizer, scheduler, RNG, step, config) and original v1 state_dicts.
 
+Ours are two files: ``<name>`` (``last.pt``: everything but the model weights, by ``torch.save``) and the
+model's state_dict in safetensors beside it, ``<name>.<12 hex>.safetensors``, which ``<name>`` names (the
+hex is the start of the checkpoint's checksum, so a save never overwrites the weights the previous one
+reads). Copy or move the two together. A file of ours written before the weights moved out holds them
+inline and loads unchanged.
+
 Ours carry a SHA-256 checksum of what they hold (each tensor's bytes, each other value's repr), checked
 on every ``read``: a damaged, truncated, empty, foreign or unreadable file is refused with a
 ``CheckpointError`` whose one line names the file and the problem. A file of ours written before
 checksums existed loads with an ``UnverifiedCheckpointWarning`` (there is nothing to check it against;
 saving it again adds one). Original v1 state_dicts never had one and load silently.
 
-A save writes ``<name>.tmp``, flushes it to disk and renames it over ``<name>``: an interrupted save
-leaves the previous checkpoint whole, and ``remove_leftovers`` deletes the ``.tmp`` of a save that was
-killed (nothing ever reads one).
+A save writes the new weights file, then ``<name>.tmp``, flushes both to disk and renames the ``.tmp`` over
+``<name>``; only then does it delete the weights file the previous ``<name>`` named (unless another
+checkpoint in the folder, ``*.pt`` or ``*.pth``, names it too). An interrupted save leaves the previous checkpoint whole, and
+``remove_leftovers`` deletes what a killed save left (``.tmp`` files; weights no checkpoint names).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +36,9 @@ from .model import AGIFORMER, DEFAULT_CONFIG
 
 FORMAT = "agiformer-checkpoint-1"
 TEMP_SUFFIX = ".tmp"
+WEIGHTS_SUFFIX = ".safetensors"
+WEIGHTS_KEY = "model_file"  # in <name>: the weights file's name, in the same folder
+CHECKPOINT_GLOBS = ("*.pt", "*.pth")  # the files whose weights a save or remove_leftovers never deletes
 
 
 class UnverifiedCheckpointWarning(UserWarning):
@@ -61,29 +72,90 @@ def _digest(h: "hashlib._Hash", value: Any) -> None:
         h.update(f"{type(value).__name__} {value!r};".encode())
 
 
-def save(path: os.PathLike, **contents: Any) -> None:
-    """Write ``contents`` with their checksum, atomically (see the module docstring)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"format": FORMAT, **contents}
-    body["checksum"] = checksum(body)
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _write(path: Path, write: Any) -> None:
+    """``write(f)`` into ``path`` + ``.tmp``, flushed to disk, renamed over ``path``; no ``.tmp`` stays behind."""
     tmp = path.with_name(path.name + TEMP_SUFFIX)
     try:
         with tmp.open("wb") as f:
-            torch.save(body, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C too: no half-written .tmp stays behind
+    except BaseException:  # Ctrl-C too
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _weights_name(path: Path) -> Optional[str]:
+    """The weights file a checkpoint of ours names (None: weights inline, not ours, or unreadable)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    name = ckpt.get(WEIGHTS_KEY) if isinstance(ckpt, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _named_weights(folder: Path, but: Optional[Path] = None) -> set:
+    """The weights files the checkpoints in ``folder`` (but ``but``) name."""
+    return {_weights_name(p) for g in CHECKPOINT_GLOBS for p in folder.glob(g) if p != but} - {None}
+
+
+def save(path: os.PathLike, **contents: Any) -> None:
+    """Write ``contents`` with their checksum, atomically (see the module docstring); a ``model`` state_dict
+    goes to the safetensors file beside ``path``."""
+    from safetensors.torch import save as safetensors_bytes
+
+    path = Path(path)
+    if path.suffix == WEIGHTS_SUFFIX:
+        raise ValueError(f"path {path}: the checkpoint itself is a torch file (last.pt); its weights go beside it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"format": FORMAT, **contents}
+    body["checksum"] = checksum(body)
+    previous = _weights_name(path) if path.exists() else None
+    weights = None
+    if _is_state_dict(body.get("model")):
+        model = body.pop("model")
+        weights = path.with_name(f"{path.name}.{body['checksum'][7:19]}{WEIGHTS_SUFFIX}")
+        body[WEIGHTS_KEY] = weights.name
+        body["model_keys"] = list(model)  # safetensors stores keys sorted; the state_dict's order comes back
+        existed = weights.exists()  # the same contents saved again: the file is already right
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.items()}
+        _write(weights, lambda f: f.write(safetensors_bytes(tensors, metadata={"format": "pt"})))
+    try:
+        _write(path, lambda f: torch.save(body, f))
+    except BaseException:
+        if weights is not None and not existed:
+            weights.unlink(missing_ok=True)
+        raise
+    if previous and (weights is None or previous != weights.name) and previous not in _named_weights(
+            path.parent, path):
+        (path.parent / previous).unlink(missing_ok=True)
+
+
+_WEIGHTS_FILE = re.compile(r".+\.[0-9a-f]{12}" + re.escape(WEIGHTS_SUFFIX))
+
+
 def remove_leftovers(folder: os.PathLike) -> list[Path]:
-    """Delete the ``*.pt.tmp`` files of saves in ``folder`` that were killed mid-write; returns them."""
-    found = sorted(Path(folder).glob("*.pt" + TEMP_SUFFIX))
-    for tmp in found:
-        tmp.unlink(missing_ok=True)
+    """Delete what saves in ``folder`` that were killed mid-write left: ``*.tmp`` files of checkpoints and
+    weights, and weights files (``<name>.<12 hex>.safetensors``) that neither ``<name>`` nor a ``*.pt`` or
+    ``*.pth`` in ``folder`` names.
+    Returns them."""
+    folder = Path(folder)
+    found = sorted(p for p in folder.glob("*" + TEMP_SUFFIX)
+                   if p.name.endswith((".pt" + TEMP_SUFFIX, WEIGHTS_SUFFIX + TEMP_SUFFIX)))
+    named = _named_weights(folder)
+    for p in sorted(folder.glob("*" + WEIGHTS_SUFFIX)):
+        owner = p.with_name(p.name[: -len(".0123456789ab" + WEIGHTS_SUFFIX)])  # the checkpoint it was written for
+        if _WEIGHTS_FILE.fullmatch(p.name) and p.name not in named and _weights_name(owner) != p.name:
+            found.append(p)
+    for leftover in found:
+        leftover.unlink(missing_ok=True)
     return found
 
 
@@ -119,6 +191,8 @@ def read(path: os.PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: {problem}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint (a dict)")
+    if isinstance(ckpt.get(WEIGHTS_KEY), str):
+        ckpt = _with_weights(ckpt, path, map_location)
     expected = ckpt.get("checksum")
     if expected is not None:
         if checksum({k: v for k, v in ckpt.items() if k != "checksum"}) != expected:
@@ -128,6 +202,28 @@ def read(path: os.PathLike, map_location: Any = "cpu") -> dict:
         warnings.warn(f"{path}: written without a checksum (before checksums existed), loaded unverified",
                       UnverifiedCheckpointWarning, stacklevel=2)
     return ckpt
+
+
+def _with_weights(ckpt: dict, path: Path, map_location: Any) -> dict:
+    """``ckpt`` with the state_dict of the weights file it names put back as ``model``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = path.parent / ckpt.pop(WEIGHTS_KEY)
+    keys = ckpt.pop("model_keys", None)
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: its weights file {weights.name} is missing (a checkpoint is the file and "
+                              f"the .safetensors beside it: copy both)")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: its weights file {weights.name} is truncated or damaged "
+                              f"({_one_line(e)})") from e
+    if keys is not None and sorted(keys) == sorted(tensors):
+        tensors = {k: tensors[k] for k in keys}
+    if map_location not in (None, "cpu"):
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    return {**ckpt, "model": tensors}
 
 
 def _unwrap(ckpt: dict, path: os.PathLike) -> tuple[dict, Optional[dict]]:

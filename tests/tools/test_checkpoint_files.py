@@ -27,6 +27,12 @@ def changed_tensor_bytes(src, dst):
     dst.write_bytes(bytes(raw))
 
 
+def weights_file(path):
+    """The safetensors file beside checkpoint ``path`` that it names."""
+    (found,) = path.parent.glob(path.name + ".*.safetensors")
+    return found
+
+
 @pytest.fixture
 def files(tmp_path, tiny_run):
     """One bad file of each kind, by the problem the error must name."""
@@ -34,6 +40,7 @@ def files(tmp_path, tiny_run):
     made = {}
     made["checksum mismatch"] = tmp_path / "changed.pt"
     changed_tensor_bytes(good, made["checksum mismatch"])
+    shutil.copy(weights_file(good), tmp_path)  # the weights it names, unchanged
     made["truncated or damaged"] = tmp_path / "truncated.pt"
     made["truncated or damaged"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     made["empty"] = tmp_path / "empty.pt"
@@ -98,7 +105,7 @@ def test_a_checkpoint_without_checksum_loads_with_a_warning(tmp_path, tiny_run):
 def test_an_interrupted_save_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoint.save(path, step=1, model={"w": torch.ones(2)})
-    before = path.read_bytes()
+    before, files = path.read_bytes(), sorted(tmp_path.iterdir())
     real_save = torch.save
 
     def save_then_ctrl_c(obj, f, *args, **kwargs):
@@ -108,7 +115,8 @@ def test_an_interrupted_save_leaves_the_previous_file_and_no_temporary(tmp_path,
     monkeypatch.setattr(torch, "save", save_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(path, step=2, model={"w": torch.zeros(2)})
-    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == files
+    assert checkpoint.read(path)["step"] == 1
 
 
 def test_training_removes_a_killed_saves_temporary_and_resumes(tmp_path, text_file, tiny_run):
@@ -119,3 +127,65 @@ def test_training_removes_a_killed_saves_temporary_and_resumes(tmp_path, text_fi
     run_train(out, text_file, "--steps", "3", "--eval-every", "100", "--resume", "auto")  # nothing left to train
     assert not (out / "last.pt.tmp").exists()
     assert checkpoint.read(out / "last.pt")["step"] == 3
+
+
+def test_weights_are_safetensors_beside_the_checkpoint_and_read_back_in_order(tmp_path):
+    from safetensors.torch import load_file
+
+    model = v1.AGIFORMER(d_model=16, n_layers=1, num_heads=2, window_size=4)
+    state = model.state_dict()
+    checkpoint.save(tmp_path / "last.pt", model=state, optimizer={"state": {}, "param_groups": []}, step=7)
+    weights = weights_file(tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", weights.name]
+    on_disk = load_file(weights)  # any safetensors reader takes the weights
+    assert on_disk.keys() == state.keys() and all(torch.equal(on_disk[k], v) for k, v in state.items())
+    ckpt = checkpoint.read(tmp_path / "last.pt")
+    assert list(ckpt["model"]) == list(state) and ckpt["step"] == 7
+    assert "model" not in torch.load(tmp_path / "last.pt", weights_only=True)  # the .pt holds the rest
+
+
+def test_a_damaged_or_missing_weights_file_is_refused_naming_it(tmp_path):
+    checkpoint.save(tmp_path / "last.pt", model={"w": torch.arange(64.0)}, step=1)
+    weights = weights_file(tmp_path / "last.pt")
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0x40  # inside the tensor's data: safetensors has no checksum, ours covers it
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="last.pt: checksum mismatch"):
+        checkpoint.read(tmp_path / "last.pt")
+    weights.write_bytes(bytes(raw[:20]))
+    with pytest.raises(CheckpointError, match=f"its weights file {weights.name} is truncated or damaged"):
+        checkpoint.read(tmp_path / "last.pt")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=f"its weights file {weights.name} is missing"):
+        checkpoint.read(tmp_path / "last.pt")
+
+
+def test_a_checkpoint_with_inline_weights_loads_unchanged(tmp_path, tiny_run):
+    """Written before the weights moved to safetensors: one torch file holding everything, checksum included."""
+    ckpt = checkpoint.read(tiny_run / "last.pt")
+    torch.save(ckpt, tmp_path / "old.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = checkpoint.read(tmp_path / "old.pt")
+    assert checkpoint.checksum(old) == checkpoint.checksum(ckpt)
+    model, _ = checkpoint.load_model(tmp_path / "old.pt")
+    new, _ = checkpoint.load_model(tiny_run / "last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), new.state_dict().values()))
+
+
+def test_a_save_deletes_the_weights_it_replaced_unless_another_checkpoint_names_them(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, model={"w": torch.ones(2)}, step=1)
+    first = weights_file(path)
+    checkpoint.save(path, model={"w": torch.ones(2)}, step=2)
+    assert not first.exists() and checkpoint.read(path)["step"] == 2
+    shutil.copy(path, tmp_path / "keep.pt")  # a copy names the same weights
+    kept = weights_file(path)
+    checkpoint.save(path, model={"w": torch.zeros(2)}, step=3)
+    assert kept.exists() and checkpoint.read(tmp_path / "keep.pt")["step"] == 2
+    orphan = tmp_path / "best.pt.0123456789ab.safetensors"  # a save killed before its .pt was renamed
+    orphan.write_bytes(b"x")
+    checkpoint.save(tmp_path / "step3.ckpt", model={"w": torch.zeros(2)}, step=3)  # any name keeps its weights
+    assert checkpoint.remove_leftovers(tmp_path) == [orphan]
+    assert checkpoint.read(tmp_path / "step3.ckpt")["step"] == 3
+    assert checkpoint.read(path)["step"] == 3 and checkpoint.read(tmp_path / "keep.pt")["step"] == 2
