@@ -83,6 +83,7 @@ setup(
     packages=find_packages(include=["agiformer_kernels*", "agiformer*"]) + ["agiformer_kernels.csrc"],
     package_dir={"agiformer_kernels.csrc": "csrc"},
     package_data={"agiformer_kernels.csrc": ["*/*.cpp", "*/*.cu", "*/*.h", "*/*.cuh"],
-                  "agiformer.components.flavors": ["*.json"]},  # the named model configs
+                  "agiformer.components.flavors": ["*.json"],  # the named model configs
+                  "agiformer.hierarchical.configs": ["*.json"]},
     **prebuilt_extensions(),
 )

@@ -26,6 +26,9 @@ make it another run (model sizes, --architecture, --data, --seed, --preset), are
 Under torchrun each rank draws its own windows (its slice of one seeded global batch, so N ranks
 match one process with the combined batch) and seeds its dropout with seed + rank; rank 0 logs and
 checkpoints.
+
+The loop itself (``Run``, ``restore``, ``run_loop``: steps, validation, checkpoints, metrics, Ctrl-C) is
+shared: ``python -m agiformer.hierarchical.train`` drives it with its own model, losses and validation.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,26 +105,31 @@ class SequenceLoss(nn.Module):
 
 
 class MetricsLog:
-    """metrics.jsonl + metrics.csv (+ TensorBoard / MLflow); on resume, rows after the checkpoint's step go."""
+    """metrics.jsonl + metrics.csv (+ TensorBoard / MLflow); on resume, rows after the checkpoint's step go.
+
+    The CSV has ``columns`` first, then every other key the rows bring, in the order they first appear
+    (the file is rewritten when a row brings a new one). MLflow, with ``mlflow``: a run in the tracking
+    store MLflow is configured with, or with ``project`` the file store ./mlruns/<project>; metrics go in
+    batches of ``mlflow_batch`` rows (``log_batch``), and ``text`` logs a text artifact."""
 
     COLUMNS = ("step", "elapsed_s", "lr", "loss", "bpb", "bytes_per_s", "val_bpb")
 
-    def __init__(self, out: Path, resume_step: int, mlflow: bool, config: dict):
-        self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
-        rows = []
+    def __init__(self, out: Path, resume_step: int, mlflow: bool, config: dict, columns: tuple = COLUMNS,
+                 project: Optional[str] = None, mlflow_batch: int = 20):
+        self.out, self.jsonl, self.csv = out, out / "metrics.jsonl", out / "metrics.csv"
+        self.rows = []
         if resume_step and self.jsonl.exists():
             for line in self.jsonl.read_text().splitlines():
                 try:
-                    rows.append(json.loads(line))
+                    self.rows.append(json.loads(line))
                 except json.JSONDecodeError:  # a line cut short by a killed run
                     continue
-            rows = [r for r in rows if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        with self.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in self.COLUMNS} for r in rows)
+            self.rows = [r for r in self.rows if r["step"] <= resume_step]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.columns = list(columns)
+        self._rewrite_csv()
         self.tb = self.mlflow = None
+        self._pending, self._batch = [], mlflow_batch
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -131,36 +140,72 @@ class MetricsLog:
             import mlflow as mlflow_module
 
             self.mlflow = mlflow_module
-            self.mlflow.start_run()
-            self.mlflow.log_params(config)
+            if project:
+                # MLflow 3 keeps its file store behind this opt-in; --project asks for that store by name
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                self.mlflow.set_tracking_uri((Path("mlruns") / project).resolve().as_uri())
+            self.run_id = self.mlflow.start_run().info.run_id
+            # a parameter's value is capped (500 characters in older MLflow): a long model config is cut
+            self.mlflow.log_params({k: v if len(str(v)) <= 500 else str(v)[:497] + "..." for k, v in config.items()})
+
+    def _rewrite_csv(self) -> None:
+        for r in self.rows:
+            self.columns += [k for k in r if k not in self.columns]
+        with self.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.columns} for r in self.rows)
 
     def write(self, row: dict) -> None:
+        self.rows.append(row)
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        with self.csv.open("a", newline="") as f:
-            csv.DictWriter(f, self.COLUMNS).writerow({k: row.get(k, "") for k in self.COLUMNS})
+        if any(k not in self.columns for k in row):
+            self._rewrite_csv()
+        else:
+            with self.csv.open("a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow({k: row.get(k, "") for k in self.columns})
         metrics = {k: v for k, v in row.items() if k not in ("step", "elapsed_s") and v is not None}
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, row["step"])
         if self.mlflow is not None:
-            self.mlflow.log_metrics(metrics, step=row["step"])
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self._pending += [Metric(k, float(v), now, row["step"]) for k, v in metrics.items()]
+            if len({m.step for m in self._pending}) >= self._batch:
+                self._flush()
+
+    def text(self, name: str, text: str) -> None:
+        """A text artifact (sample reconstructions, say): under <out>/samples/ and, with MLflow, the run's."""
+        path = self.out / "samples" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if self.mlflow is not None:
+            self.mlflow.log_text(text, f"samples/{name}")
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.mlflow is not None:
+            self._flush()
             self.mlflow.end_run()
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -190,23 +235,41 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
     return bool(t)
 
 
-def config_problem(cfg: dict, combined: bool = True) -> Optional[str]:
-    """What makes ``cfg`` unusable, as a message naming the flag; None when it can run. ``combined=False``
-    checks each value alone, not how they fit together (sizes a checkpoint will supply)."""
+# The training settings every trainer shares, by the least value each may take (lr must be positive).
+TRAINING_AT_LEAST_1 = ("batch_size", "seq_len", "steps", "eval_every", "eval_batch_size", "checkpoint_every",
+                       "log_every")
+TRAINING_AT_LEAST_0 = ("warmup", "weight_decay", "grad_clip", "max_minutes")
+
+
+def range_problem(cfg: dict, at_least_1: tuple = (), at_least_0: tuple = ()) -> Optional[str]:
+    """What puts a training setting of ``cfg`` out of its range (those above, and the keys given here), as
+    a message naming the flag; None when every one is in range."""
     def flag(key: str) -> str:
         return f"--{key.replace('_', '-')} {cfg[key]}"
 
-    for key in ("d_model", "n_layers", "num_heads", "patch_size", "window_size", "batch_size", "seq_len", "steps",
-                "eval_every", "eval_batch_size", "checkpoint_every", "log_every"):
+    for key in (*at_least_1, *TRAINING_AT_LEAST_1):
         if cfg[key] < 1:
             return f"{flag(key)}: must be at least 1"
-    for key in ("thinking_steps", "warmup", "weight_decay", "grad_clip", "max_minutes"):
+    for key in (*at_least_0, *TRAINING_AT_LEAST_0):
         if cfg[key] < 0:
             return f"{flag(key)}: must be at least 0"
     if not cfg["lr"] > 0:
         return f"{flag('lr')}: must be positive"
     if not 0 <= cfg["min_lr_ratio"] <= 1:
         return f"{flag('min_lr_ratio')}: must lie in [0, 1]"
+    return None
+
+
+def config_problem(cfg: dict, combined: bool = True) -> Optional[str]:
+    """What makes ``cfg`` unusable, as a message naming the flag; None when it can run. ``combined=False``
+    checks each value alone, not how they fit together (sizes a checkpoint will supply)."""
+    def flag(key: str) -> str:
+        return f"--{key.replace('_', '-')} {cfg[key]}"
+
+    problem = range_problem(cfg, ("d_model", "n_layers", "num_heads", "patch_size", "window_size"),
+                            ("thinking_steps",))
+    if problem:
+        return problem
     if not 0 <= cfg["dropout"] < 1:
         return f"{flag('dropout')}: must lie in [0, 1)"
     if not combined:
@@ -279,10 +342,11 @@ def _flag(cfg: dict, key: str) -> str:
     return f"--{key.replace('_', '-')} {cfg[key]}"
 
 
-def _resumed_config(cfg: dict, saved: dict, step: int, path: str) -> tuple[dict, dict]:
+def resumed_config(cfg: dict, saved: dict, step: int, path: str,
+                   fixed: tuple = FIXED_ON_RESUME) -> tuple[dict, dict]:
     """(the configuration a run resumed from a checkpoint at ``step`` goes on with, {key: [old, new]} of what
     changed). It is the checkpoint's, with this invocation's RUN_KEYS and the flags it names (``cfg["given"]``;
-    without that list, every key of ``cfg``): a flag in FIXED_ON_RESUME that differs is a UsageError."""
+    without that list, every key of ``cfg``): a flag in ``fixed`` that differs is a UsageError."""
     given = cfg.get("given")
     if given is None:
         given = list(cfg)
@@ -298,7 +362,7 @@ def _resumed_config(cfg: dict, saved: dict, step: int, path: str) -> tuple[dict,
         elif cfg[key] == saved.get(key):
             continue
         name = _flag(cfg, key)
-        if key in FIXED_ON_RESUME and (key in saved or key in MODEL_KEYS):
+        if key in fixed and (key in saved or key in MODEL_KEYS):
             old = saved.get(key, models[1][key] if models[1] is not None and key in MODEL_KEYS else None)
             was = f"another {key} ({json.dumps(old)})" if isinstance(old, (dict, list)) else f"{key} = {old}"
             raise UsageError(f"{name}: {path} was trained with {was}, and a resumed run keeps it "
@@ -310,7 +374,7 @@ def _resumed_config(cfg: dict, saved: dict, step: int, path: str) -> tuple[dict,
     return merged, changes
 
 
-class _Interrupts:
+class Interrupts:
     """SIGINT while training. ``at_once`` (start-up, validation on one process): raise KeyboardInterrupt
     there, as Python does, since nothing is lost. Otherwise only set ``requested``: the loop finishes
     the step in hand and stops at the next boundary, where the state is whole. A second SIGINT raises."""
@@ -321,7 +385,7 @@ class _Interrupts:
         self._installed = False
         self._previous = None
 
-    def __enter__(self) -> "_Interrupts":
+    def __enter__(self) -> "Interrupts":
         if threading.current_thread() is threading.main_thread():  # handlers live on the main thread only
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True
@@ -345,143 +409,136 @@ class _Interrupts:
             self.at_once = before
 
 
-def _warm_up(model: AGIFORMER, seq_len: int, device: torch.device, autocast) -> None:
-    """One forward and backward of one window before the first step, its RNG draws undone: a first use's
-    kernel builds and compiles happen here, in start-up (where Ctrl-C stops at once and elapsed_s does
-    not count), instead of inside step 1."""
+def warm_up(loss: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, seq_len: int,
+            device: torch.device) -> None:
+    """One forward and backward of one window before the first step, its RNG draws and buffer updates undone:
+    a first use's kernel builds and compiles happen here, in start-up (where Ctrl-C stops at once and
+    elapsed_s does not count), instead of inside step 1."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-        seq = torch.zeros(1, seq_len, dtype=torch.long, device=device)
-        with autocast:
-            loss = model.sequence_loss(seq)
-        loss.backward()
+        loss(torch.zeros(1, seq_len, dtype=torch.long, device=device)).backward()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     model.zero_grad(set_to_none=True)
 
 
-def train(cfg: dict, *, quiet: bool = False) -> dict:
-    """Run training as ``cfg`` says (see ``parse_args``); returns the last metrics row. On Ctrl-C, saves what
-    the module docstring says and re-raises KeyboardInterrupt."""
-    with _Interrupts() as interrupts:
-        return _train(cfg, quiet, interrupts)
+@dataclass
+class Run:
+    """One process's training run as ``restore`` and ``run_loop`` drive it: what a model's trainer builds
+    (model, optimizer, schedule, data stream) and the hooks that make the loop that model's."""
+
+    cfg: dict  # steps, grad_clip, the eval / log / checkpoint cadence, max_minutes, the schedule, seed, mlflow
+    out: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: RandomWindows
+    device: torch.device
+    interrupts: Interrupts
+    # a batch -> (the loss to backpropagate, floats for its metrics row); set once the model is wrapped
+    loss: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, dict]]]
+    validate: Callable[[Optional[int]], dict]  # the split's first N bytes (None: all) -> {"val_bpb": ..., ...}
+    contents: dict  # what every checkpoint holds beside the training state: config, train_config, ...
+    say: Callable[..., None] = lambda *a: None
+    quiet: bool = False
+    resume: Optional[str] = None  # the checkpoint's path, for messages
+    ckpt: Optional[dict] = None  # the checkpoint resumed from
+    changes: dict = field(default_factory=dict)  # {key: [old, new]}: flags a resumed run changes
+    rank: int = 0
+    world: int = 1
+    nll_loss: bool = True  # the loss is a mean NLL in nats per byte: its rows carry bpb
+    after_update: Optional[Callable[[], None]] = None  # after every optimizer step
+    samples: Optional[Callable[[], dict]] = None  # {file name: text} logged as artifacts at each validation
+    columns: tuple = MetricsLog.COLUMNS
+    project: Optional[str] = None  # MLflow file store ./mlruns/<project> (None: MLflow's configured store)
+    # what ``restore`` reads from the checkpoint
+    step: int = 0
+    elapsed: float = 0.0
+    best: float = float("inf")
+    pending: Optional[dict] = None
+    history: list = field(default_factory=list)
 
 
-def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
-    device = torch.device(cfg["device"] or default_device())
-    rank, world, local_rank = _distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
-        torch.cuda.set_device(device)
-    out = Path(cfg["out"])
-    lead = rank == 0
-    say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, file=sys.stderr, flush=True))
+def restore(run: Run) -> None:
+    """Load ``run.ckpt`` (when resuming) into the run's model, optimizer, schedule, data stream and RNG, then
+    apply the flags it changes (``run.changes``: optimisation settings and the schedule from here on)."""
+    ckpt, cfg = run.ckpt, run.cfg
+    if ckpt is None:
+        return
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.sampler.load_state_dict(ckpt["sampler"])
+    run.step = ckpt["step"]
+    rngs = ckpt["rng"]
+    if len(rngs) == run.world:
+        set_rng_state(rngs[run.rank], run.device)
+    else:
+        run.say(f"checkpoint holds RNG for {len(rngs)} ranks, this run has {run.world}: dropout reseeded")
+        torch.manual_seed(cfg["seed"] + run.rank + run.step)
+    run.elapsed, run.best = ckpt["elapsed_s"], ckpt.get("best_val_bpb", float("inf"))
+    run.pending, run.history = ckpt.get("pending"), list(ckpt.get("changes", []))
+    changes = run.changes
+    if changes:
+        optimizer, scheduler = run.optimizer, run.scheduler
+        for group in optimizer.param_groups:  # load_state_dict brought back the old values
+            group["weight_decay"] = cfg["weight_decay"]
+            group["initial_lr"] = cfg["lr"]
+        scheduler.base_lrs = [cfg["lr"]] * len(optimizer.param_groups)
+        if any(k in changes for k in SCHEDULE_KEYS):  # the next step's rate, as the new schedule has it
+            factor = lr_factor(scheduler.last_epoch, cfg["warmup"], cfg["steps"], cfg["min_lr_ratio"])
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * factor
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        run.history.append({"step": run.step, **{k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
+    run.say(f"resumed {run.resume} at step {run.step}"
+            + "".join(f"; {k} {a} -> {b}" for k, (a, b) in changes.items()))
 
-    resume = cfg["resume"]
-    if resume == "auto":
-        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
-    ckpt, changes, step = None, {}, 0
-    if resume:
-        ckpt = checkpoint.read(resume)  # on the CPU: RNG states must stay there; the loads below move the rest
-        missing = {"model", "optimizer", "scheduler", "sampler", "rng", "step", "train_config"} - set(ckpt)
-        if missing:
-            raise CheckpointError(f"{resume}: not a training checkpoint (no {', '.join(sorted(missing))}); "
-                                  f"evaluate and generate read model-only files")
-        step = ckpt["step"]
-        cfg, changes = _resumed_config(cfg, ckpt["train_config"], step, resume)
-    problem = config_problem(cfg) or model_problem(cfg)
-    if problem:  # parse_args checked each flag; here is how they fit the checkpoint's, or a dict from code
-        raise UsageError(problem)
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_leftovers(out)  # the .tmp of a save that was killed
-    train_config = {k: v for k, v in cfg.items() if k not in ARGV_KEYS}
-    amp = cfg["amp"] if cfg["amp"] is not None else device.type == "cuda"
 
-    corpus = load_corpus(cfg["data"], cfg["data_dir"])
-    P = cfg["patch_size"]
-    if len(corpus.val) < 2 * P:
-        raise UsageError(f"--data {cfg['data']}: its validation split holds {len(corpus.val)} bytes, fewer than "
-                         f"one window of two patches ({2 * P} bytes)")
-    torch.manual_seed(cfg["seed"])
-    model = AGIFORMER.from_config(model_config(cfg), backend=cfg["backend"]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg["warmup"], cfg["steps"], cfg["min_lr_ratio"])
-    )
-    sampler = RandomWindows(corpus.train, cfg["seq_len"], cfg["batch_size"], cfg["seed"], rank, world)
-    torch.manual_seed(cfg["seed"] + rank)  # dropout differs per rank
-
-    elapsed, best, pending, history = 0.0, float("inf"), None, []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        rngs = ckpt["rng"]
-        if len(rngs) == world:
-            _set_rng_state(rngs[rank], device)
-        else:
-            say(f"checkpoint holds RNG for {len(rngs)} ranks, this run has {world}: dropout reseeded")
-            torch.manual_seed(cfg["seed"] + rank + step)
-        elapsed, best = ckpt["elapsed_s"], ckpt.get("best_val_bpb", float("inf"))
-        pending, history = ckpt.get("pending"), list(ckpt.get("changes", []))
-        if changes:
-            for group in optimizer.param_groups:  # load_state_dict brought back the old values
-                group["weight_decay"] = cfg["weight_decay"]
-                group["initial_lr"] = cfg["lr"]
-            scheduler.base_lrs = [cfg["lr"]] * len(optimizer.param_groups)
-            if any(k in changes for k in SCHEDULE_KEYS):  # the next step's rate, as the new schedule has it
-                factor = lr_factor(scheduler.last_epoch, cfg["warmup"], cfg["steps"], cfg["min_lr_ratio"])
-                for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                    group["lr"] = base * factor
-                scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-            history.append({"step": step, **{k: {"from": a, "to": b} for k, (a, b) in changes.items()}})
-        say(f"resumed {resume} at step {step}" + "".join(f"; {k} {a} -> {b}" for k, (a, b) in changes.items()))
-
-    autocast = torch.autocast(device.type, torch.bfloat16) if amp else contextlib.nullcontext()
-    model.train()
-    _warm_up(model, cfg["seq_len"], device, autocast)  # before DDP, whose hooks would all-reduce its gradients
-    wrapped: nn.Module = SequenceLoss(model)
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(wrapped,
-                                                      device_ids=[device.index] if device.type == "cuda" else None)
-    say(f"AGIFORMER {num_parameters(model):,} parameters on {device} x{world}; data {corpus.name} "
-        f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); {cfg['steps']} steps of "
-        f"{cfg['batch_size'] * world} x {cfg['seq_len']} bytes")
-    saved_step = step if ckpt is not None and not pending else None  # the step last.pt holds, finished
+def run_loop(run: Run) -> dict:
+    """Train ``run`` from its step to ``cfg["steps"]``: steps, metrics rows, validation, best.pt and last.pt,
+    the time limit, and Ctrl-C as the module docstring says. Returns the last metrics row."""
+    cfg, out, model, optimizer, scheduler, sampler = run.cfg, run.out, run.model, run.optimizer, run.scheduler, \
+        run.sampler
+    device, interrupts, world, say, quiet = run.device, run.interrupts, run.world, run.say, run.quiet
+    lead, resume = run.rank == 0, run.resume
+    step, elapsed, best, pending, history = run.step, run.elapsed, run.best, run.pending, run.history
+    saved_step = step if run.ckpt is not None and not pending else None  # the step last.pt holds, finished
 
     def save(path: Path, gather: bool = True, unfinished: Optional[dict] = None,
              best_val: Optional[float] = None) -> None:
-        rngs = [_rng_state(device)]
+        rngs = [rng_state(device)]
         if world > 1 and gather:
             rngs = [None] * world
-            dist.all_gather_object(rngs, _rng_state(device))
+            dist.all_gather_object(rngs, rng_state(device))
             rngs = [{k: v.cpu() for k, v in r.items()} for r in rngs]
         if lead:
             checkpoint.save(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), sampler=sampler.state_dict(), rng=rngs, step=step,
                             elapsed_s=elapsed, best_val_bpb=best if best_val is None else best_val,
-                            pending=unfinished, changes=history, config=model.config, train_config=train_config)
-
-    def validate(max_bytes: Optional[int]) -> float:
-        bpb, _ = bits_per_byte(model, corpus.val, seq_len=cfg["seq_len"], batch_size=cfg["eval_batch_size"],
-                               device=device, max_bytes=max_bytes, amp=amp,
-                               progress=lead and not quiet and sys.stderr.isatty())
-        return bpb
+                            pending=unfinished, changes=history, **run.contents)
 
     def finish(row: dict) -> bool:
         """Validation, metrics row, best.pt and last.pt of the step just taken; True when the time limit
         stops the run."""
         nonlocal best, saved_step
-        final = step == cfg["steps"]
+        final, samples = step == cfg["steps"], {}
         if step % cfg["eval_every"] == 0 or final:
             if interrupts.requested:  # stop now, not after a validation the resumed run repeats anyway
                 raise KeyboardInterrupt
             with interrupts.immediate(world == 1):  # ranks must leave validation's all_reduce together
-                row["val_bpb"] = validate(None if final else cfg["eval_bytes"])
+                row.update(run.validate(None if final else cfg["eval_bytes"]))
+                samples = run.samples() if lead and run.samples is not None else {}
         if bar is not None:
-            bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}", B_s=f"{row['bytes_per_s']:,.0f}",
+            shown = {"bpb": f"{row['bpb']:.3f}"} if "bpb" in row else {}
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, B_s=f"{row['bytes_per_s']:,.0f}",
                             **({"val": f"{row['val_bpb']:.3f}"} if "val_bpb" in row else {}))
         if lead and (step % cfg["log_every"] == 0 or "val_bpb" in row):
             log.write(row)
+            if "val_bpb" in row:
+                for name, text in samples.items():
+                    log.text(f"step{step:07d}-{name}", text)
             if bar is None or bar.disable:
                 say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if "val_bpb" in row and row["val_bpb"] < best:
@@ -504,7 +561,8 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
     # between / train (whole once train's draws are undone), update (torn), finish (whole but for row).
     phase, best_before, stream_before = "start", best, None
     try:
-        log = MetricsLog(out, step - 1 if pending else step, cfg["mlflow"], train_config) if lead else None
+        log = MetricsLog(out, step - 1 if pending else step, cfg["mlflow"], run.contents["train_config"],
+                         run.columns, run.project) if lead else None
         bar = tqdm(total=cfg["steps"], initial=step, disable=quiet or not lead or not sys.stderr.isatty(),
                    dynamic_ncols=True)
         interrupts.at_once = False
@@ -519,17 +577,18 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
             if _any_rank(interrupts.requested, device, world):
                 phase = "boundary"
                 raise KeyboardInterrupt
-            phase, stream_before = "train", (sampler.state_dict(), _rng_state(device))
+            phase, stream_before = "train", (sampler.state_dict(), rng_state(device))
             start = time.perf_counter()
             seq = sampler.next().to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)  # before forward: last step's gradients free meanwhile
-            with autocast:
-                loss = wrapped(seq)
+            loss, metrics = run.loss(seq)
             loss.backward()
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             phase = "update"
             optimizer.step()
+            if run.after_update is not None:
+                run.after_update()
             scheduler.step()
             step += 1
             loss = loss.detach()
@@ -538,8 +597,8 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
                 loss /= world
             elapsed += time.perf_counter() - start
             row = dict(step=step, elapsed_s=round(elapsed, 3), lr=optimizer.param_groups[0]["lr"],
-                       loss=float(loss), bpb=float(loss) / math.log(2),
-                       bytes_per_s=bytes_per_step / (time.perf_counter() - start))
+                       loss=float(loss), **({"bpb": float(loss) / math.log(2)} if run.nll_loss else {}),
+                       **metrics, bytes_per_s=bytes_per_step / (time.perf_counter() - start))
             phase, best_before = "finish", best
             bar.update(1)
             halted = finish(row)
@@ -547,7 +606,7 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
         last = out / "last.pt"
         if phase == "train":  # nothing updated yet: back to where the step began
             sampler.load_state_dict(stream_before[0])
-            _set_rng_state(stream_before[1], device)
+            set_rng_state(stream_before[1], device)
             phase = "between"
         try:
             if phase == "start":
@@ -555,12 +614,13 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
             elif phase == "update":
                 say(f"\ninterrupted in the middle of step {step + 1}'s update: {last} left as it was")
             elif world > 1 and phase != "boundary":  # this rank alone: the others are elsewhere
-                say(f"\ninterrupted on rank {rank} alone: {last} left as it was")
+                say(f"\ninterrupted on rank {run.rank} alone: {last} left as it was")
             elif phase == "finish":
-                save(last, unfinished={k: v for k, v in row.items() if k != "val_bpb"}, best_val=best_before)
+                save(last, unfinished={k: v for k, v in row.items() if not k.startswith("val_")},
+                     best_val=best_before)
                 say(f"\ninterrupted while finishing step {step}: saved {last}; --resume auto finishes that step "
                     f"(validation, metrics row) and continues")
-            elif saved_step == step or (step == 0 and ckpt is None):
+            elif saved_step == step or (step == 0 and run.ckpt is None):
                 say(f"\ninterrupted at step {step}: " + (f"{last} holds it" if step else "nothing to save yet"))
             else:
                 save(last)
@@ -576,6 +636,105 @@ def _train(cfg: dict, quiet: bool, interrupts: _Interrupts) -> dict:
     if "val_bpb" in row:
         say(f"step {step}: validation {row['val_bpb']:.4f} bits/byte (whole split); checkpoint {out / 'last.pt'}")
     return row
+
+
+def train(cfg: dict, *, quiet: bool = False) -> dict:
+    """Run training as ``cfg`` says (see ``parse_args``); returns the last metrics row. On Ctrl-C, saves what
+    the module docstring says and re-raises KeyboardInterrupt."""
+    with Interrupts() as interrupts:
+        return _train(cfg, quiet, interrupts)
+
+
+def _train(cfg: dict, quiet: bool, interrupts: Interrupts) -> dict:
+    device = torch.device(cfg["device"] or default_device())
+    rank, world, local_rank = _distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+    out = Path(cfg["out"])
+    lead = rank == 0
+    say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    resume = cfg["resume"]
+    if resume == "auto":
+        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
+    ckpt, changes = None, {}
+    if resume:
+        ckpt = read_training_checkpoint(resume)
+        cfg, changes = resumed_config(cfg, ckpt["train_config"], ckpt["step"], resume)
+    problem = config_problem(cfg) or model_problem(cfg)
+    if problem:  # parse_args checked each flag; here is how they fit the checkpoint's, or a dict from code
+        raise UsageError(problem)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_leftovers(out)  # the .tmp of a save that was killed
+    train_config = {k: v for k, v in cfg.items() if k not in ARGV_KEYS}
+    amp = cfg["amp"] if cfg["amp"] is not None else device.type == "cuda"
+
+    corpus = load_corpus(cfg["data"], cfg["data_dir"])
+    P = cfg["patch_size"]
+    if len(corpus.val) < 2 * P:
+        raise UsageError(f"--data {cfg['data']}: its validation split holds {len(corpus.val)} bytes, fewer than "
+                         f"one window of two patches ({2 * P} bytes)")
+    torch.manual_seed(cfg["seed"])
+    model = AGIFORMER.from_config(model_config(cfg), backend=cfg["backend"]).to(device)
+    optimizer, scheduler = optimizer_and_schedule(model.parameters(), cfg)
+    sampler = RandomWindows(corpus.train, cfg["seq_len"], cfg["batch_size"], cfg["seed"], rank, world)
+    torch.manual_seed(cfg["seed"] + rank)  # dropout differs per rank
+
+    def validate(max_bytes: Optional[int]) -> dict:
+        bpb, _ = bits_per_byte(model, corpus.val, seq_len=cfg["seq_len"], batch_size=cfg["eval_batch_size"],
+                               device=device, max_bytes=max_bytes, amp=amp,
+                               progress=lead and not quiet and sys.stderr.isatty())
+        return {"val_bpb": bpb}
+
+    run = Run(cfg=cfg, out=out, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler, device=device,
+              interrupts=interrupts, loss=None, validate=validate,
+              contents=dict(config=model.config, train_config=train_config), say=say, quiet=quiet, resume=resume,
+              ckpt=ckpt, changes=changes, rank=rank, world=world)
+    restore(run)
+    autocast = torch.autocast(device.type, torch.bfloat16) if amp else contextlib.nullcontext()
+
+    def plain_loss(seq: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model.sequence_loss(seq)
+
+    model.train()
+    warm_up(plain_loss, model, cfg["seq_len"], device)  # before DDP, whose hooks would all-reduce its gradients
+    wrapped: nn.Module = SequenceLoss(model)
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(wrapped,
+                                                      device_ids=[device.index] if device.type == "cuda" else None)
+
+    def loss(seq: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with autocast:
+            return wrapped(seq), {}
+
+    run.loss = loss
+    say(f"AGIFORMER {num_parameters(model):,} parameters on {device} x{world}; data {corpus.name} "
+        f"({len(corpus.train):,} train / {len(corpus.val):,} val bytes); {cfg['steps']} steps of "
+        f"{cfg['batch_size'] * world} x {cfg['seq_len']} bytes")
+    return run_loop(run)
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """A checkpoint ``--resume`` can continue (on the CPU: RNG states must stay there; loads move the rest);
+    ``CheckpointError`` for a model-only file."""
+    ckpt = checkpoint.read(path)
+    missing = {"model", "optimizer", "scheduler", "sampler", "rng", "step", "train_config"} - set(ckpt)
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (no {', '.join(sorted(missing))}); "
+                              f"evaluate and generate read model-only files")
+    return ckpt
+
+
+def optimizer_and_schedule(params, cfg: dict) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW at ``cfg["lr"]`` and ``cfg["weight_decay"]``, on ``lr_factor``'s warmup-cosine schedule."""
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg["warmup"], cfg["steps"], cfg["min_lr_ratio"])
+    )
+    return optimizer, scheduler
 
 
 def build_parser() -> argparse.ArgumentParser:
