@@ -80,6 +80,23 @@ def read_bytes(parser: argparse.ArgumentParser, flag: str, path: str) -> bytes:
         parser.error(f"{flag} {path}: {e.strerror}")
 
 
+def add_prompt(parser: argparse.ArgumentParser, default: str,
+               file_help: str = "the prompt: the whole file's bytes") -> argparse._MutuallyExclusiveGroup:
+    """``--prompt`` (the argument's bytes) or ``--prompt-file`` (a file's bytes); the group, for more sources."""
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=default,
+                     help="the prompt: the argument's bytes as given (default %(default)r)")
+    src.add_argument("--prompt-file", help=file_help)
+    return src
+
+
+def read_prompt(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bytes:
+    """The bytes ``add_prompt``'s flags give."""
+    if args.prompt_file:
+        return read_bytes(parser, "--prompt-file", args.prompt_file)
+    return arg_bytes(args.prompt)
+
+
 def interrupted(parser: argparse.ArgumentParser) -> None:
     """Ctrl-C: exit with 130 (the shell's 128 + SIGINT), no traceback."""
     sys.stderr.flush()

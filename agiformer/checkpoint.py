@@ -14,8 +14,9 @@ saving it again adds one). Original v1 state_dicts never had one and load silent
 
 A save writes the new weights file, then ``<name>.tmp``, flushes both to disk and renames the ``.tmp`` over
 ``<name>``; only then does it delete the weights file the previous ``<name>`` named (unless another
-checkpoint in the folder, ``*.pt`` or ``*.pth``, names it too). An interrupted save leaves the previous checkpoint whole, and
-``remove_leftovers`` deletes what a killed save left (``.tmp`` files; weights no checkpoint names).
+checkpoint in the folder, ``*.pt`` or ``*.pth``, names it too). An interrupted save leaves the previous
+checkpoint whole, and ``remove_leftovers`` deletes what a killed save left (``.tmp`` files; weights no
+checkpoint names).
 """
 
 from __future__ import annotations

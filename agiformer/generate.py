@@ -26,9 +26,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m agiformer.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="our checkpoint (.pt) or an original v1 best_model.pth")
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="The ", help="the prompt: the argument's bytes as given (default %(default)r)")
-    src.add_argument("--prompt-file", help="one prompt: the whole file's bytes")
+    src = _cli.add_prompt(parser, "The ", file_help="one prompt: the whole file's bytes")
     src.add_argument("--prompts-file", help="a batch: one prompt per line")
     parser.add_argument("-n", "--max-new-bytes", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -52,10 +50,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         prompts = [line.rstrip(b"\r") for line in text.split(b"\n") if line.strip()]
         if not prompts:
             parser.error(f"--prompts-file {args.prompts_file}: no prompt in it (every line is blank)")
-    elif args.prompt_file:
-        prompts = [_cli.read_bytes(parser, "--prompt-file", args.prompt_file)]
     else:
-        prompts = [_cli.arg_bytes(args.prompt)]
+        prompts = [_cli.read_prompt(parser, args)]
     with _cli.user_errors(parser):
         model, _ = checkpoint.load_model(args.checkpoint, device=args.device, backend=args.backend,
                                          overrides=model_overrides(args))

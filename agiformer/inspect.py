@@ -127,20 +127,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m agiformer.inspect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="our checkpoint (.pt) or an original v1 best_model.pth")
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. ",
-                     help="the prompt: the argument's bytes as given")
-    src.add_argument("--prompt-file", help="the prompt: the whole file's bytes")
+    _cli.add_prompt(parser, "The quick brown fox jumps over the lazy dog. ")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--backend", help="op backend (default: fastest available)")
     add_model_overrides(parser)
     args = parser.parse_args(argv)
     check_common(parser, args)
-    if args.prompt_file:
-        prompt = _cli.read_bytes(parser, "--prompt-file", args.prompt_file)
-    else:
-        prompt = _cli.arg_bytes(args.prompt)
+    prompt = _cli.read_prompt(parser, args)
     with _cli.user_errors(parser):
         model, _ = checkpoint.load_model(args.checkpoint, device=args.device, backend=args.backend,
                                          overrides=model_overrides(args))

@@ -67,10 +67,10 @@ FIXED_ON_RESUME = ("d_model", "n_layers", "num_heads", "patch_size", "window_siz
 # Keys of the configuration that describe one invocation's command line, not the run: never saved.
 ARGV_KEYS = ("given", "architecture_flag")
 # One invocation's settings: taken from the command line on every run, never compared with a checkpoint's.
-RUN_KEYS = ("out", "resume", "device", "backend", "amp", "mlflow", "max_minutes", "data_dir")
+RUN_KEYS = ("out", "resume", "device", "backend", "amp", "mlflow", "project", "max_minutes", "data_dir")
 # The flags presets do not set.
 FLAG_DEFAULTS = dict(seed=0, out=None, resume=None, max_minutes=0, device=None, backend=None, amp=None, mlflow=False,
-                     data_dir=None)
+                     project=None, data_dir=None)
 SCHEDULE_KEYS = ("lr", "warmup", "steps", "min_lr_ratio")
 PRESETS = {
     # A few CPU minutes on the embedded corpus (Python sources): about 2.5 bits/byte on the whole
@@ -691,7 +691,7 @@ def _train(cfg: dict, quiet: bool, interrupts: Interrupts) -> dict:
     run = Run(cfg=cfg, out=out, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler, device=device,
               interrupts=interrupts, loss=None, validate=validate,
               contents=dict(config=model.config, train_config=train_config), say=say, quiet=quiet, resume=resume,
-              ckpt=ckpt, changes=changes, rank=rank, world=world)
+              ckpt=ckpt, changes=changes, rank=rank, world=world, project=cfg["project"])
     restore(run)
     autocast = torch.autocast(device.type, torch.bfloat16) if amp else contextlib.nullcontext()
 
@@ -737,6 +737,40 @@ def optimizer_and_schedule(params, cfg: dict) -> tuple[torch.optim.Optimizer, to
     return optimizer, scheduler
 
 
+def add_training_flags(parser: argparse.ArgumentParser, *, out_help: str, seq_len_help: str) -> None:
+    """The data, optimisation and run flags every trainer takes (this one and agiformer.hierarchical.train)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", help="stdlib (embedded, offline), enwik8, or a text file / folder")
+    g.add_argument("--data-dir", help="where enwik8 / enwik8.zip lie (else $AGIFORMER_DATA or .)")
+    g.add_argument("--batch-size", type=int, help="windows per step (per process under torchrun)")
+    g.add_argument("--seq-len", type=int, help=seq_len_help)
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    g.add_argument("--warmup", type=int, help="linear warmup steps")
+    g.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (1: constant)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    g.add_argument("--seed", type=int, help="default 0")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", help=out_help)
+    g.add_argument("--resume", help="checkpoint to continue, or 'auto' for <out>/last.pt if present")
+    g.add_argument("--eval-every", type=int, help="validate every N steps (the last one on the whole split)")
+    g.add_argument("--eval-bytes", type=int, help="periodic validation on the split's first N bytes (0: all)")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--max-minutes", type=float, help="stop (and save) after this much training time")
+    g.add_argument("--device", help="default cuda where available, else cpu")
+    g.add_argument("--backend", help="op backend (default: fastest available)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (default: on for CUDA, off on CPU)")
+    g.add_argument("--mlflow", action="store_true", help="also log to MLflow (must be installed)")
+    g.add_argument("--project", help="with --mlflow: the file store ./mlruns/<project> (default: MLflow's configured "
+                                     "store)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Every default SUPPRESS: the namespace holds exactly the flags given, which a resumed run applies or refuses.
     parser = argparse.ArgumentParser(prog="python -m agiformer.train", description=__doc__,
@@ -750,36 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("d_model", "n_layers", "num_heads", "patch_size", "window_size", "thinking_steps"):
         g.add_argument("--" + key.replace("_", "-"), type=int)
     g.add_argument("--dropout", type=float)
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", help="stdlib (embedded, offline), enwik8, or a text file / folder")
-    g.add_argument("--data-dir", help="where enwik8 / enwik8.zip lie (else $AGIFORMER_DATA or .)")
-    g.add_argument("--batch-size", type=int, help="windows per step per process")
-    g.add_argument("--seq-len", type=int,
-                   help="window length in bytes (a multiple of --patch-size, at least two patches)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup", type=int, help="linear warmup steps")
-    g.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (1: constant)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, help="default 0")
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", help="output folder (default runs/<preset>, or runs/<flavor or file name> with "
-                                 "--architecture)")
-    g.add_argument("--resume", help="checkpoint to continue, or 'auto' for <out>/last.pt if present")
-    g.add_argument("--eval-every", type=int, help="validate every N steps (the last one on the whole split)")
-    g.add_argument("--eval-bytes", type=int, help="periodic validation on the split's first N bytes (0: all)")
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--log-every", type=int)
-    g.add_argument("--max-minutes", type=float, help="stop (and save) after this much training time")
-    g.add_argument("--device", help="default cuda where available, else cpu")
-    g.add_argument("--backend", help="op backend (default: fastest available)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast (default: on for CUDA, off on CPU)")
-    g.add_argument("--mlflow", action="store_true", help="also log to MLflow (must be installed)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    add_training_flags(parser, out_help="output folder (default runs/<preset>, or runs/<flavor or file name> with "
+                                        "--architecture)",
+                       seq_len_help="window length in bytes (a multiple of --patch-size, at least two patches)")
     return parser
 
 

@@ -27,9 +27,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint of agiformer.hierarchical.train (of its top stage, for a "
                                            "trained top LM)")
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="The ", help="the prompt: the argument's bytes as given (default %(default)r)")
-    src.add_argument("--prompt-file", help="the prompt: the whole file's bytes")
+    _cli.add_prompt(parser, "The ")
     parser.add_argument("-n", "--max-new-bytes", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
@@ -41,8 +39,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     _cli.at_least(parser, args, 0, "temperature")
     _cli.check_device(parser, args.device)
     _cli.check_backend(parser, args.backend)
-    prompt = _cli.read_bytes(parser, "--prompt-file", args.prompt_file) if args.prompt_file \
-        else _cli.arg_bytes(args.prompt)
+    prompt = _cli.read_prompt(parser, args)
     if not prompt:
         parser.error("--prompt: empty (at least one byte)")
 

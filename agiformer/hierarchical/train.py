@@ -39,8 +39,8 @@ from .. import _cli, checkpoint
 from ..data import RandomWindows, load_corpus
 from ..errors import CheckpointError, UsageError
 from ..evaluate import default_device
-from ..train import (Interrupts, Run, optimizer_and_schedule, range_problem, read_training_checkpoint,
-                     restore, resumed_config, run_loop, warm_up)
+from ..train import (Interrupts, Run, add_training_flags, optimizer_and_schedule, range_problem,
+                     read_training_checkpoint, restore, resumed_config, run_loop, warm_up)
 from . import HierarchicalAutoencoder, load_config
 from .evaluate import evaluate
 
@@ -211,36 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stage", choices=STAGES, help="base: compressors and expanders (default); top: the top LM "
                                                   "on the frozen --base")
     g.add_argument("--base", help="base.pt of a --stage base run (for --stage top)")
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", help="stdlib (embedded, offline), enwik8, or a text file / folder")
-    g.add_argument("--data-dir", help="where enwik8 / enwik8.zip lie (else $AGIFORMER_DATA or .)")
-    g.add_argument("--batch-size", type=int, help="windows per step")
-    g.add_argument("--seq-len", type=int, help="window length in bytes")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup", type=int, help="linear warmup steps")
-    g.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (1: constant)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, help="default 0")
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", help="output folder (default runs/hier-<config>; for --stage top, --base's folder with "
-                                 "-top after it)")
-    g.add_argument("--resume", help="checkpoint to continue, or 'auto' for <out>/last.pt if present")
-    g.add_argument("--eval-every", type=int, help="validate every N steps (the last one on the whole split)")
-    g.add_argument("--eval-bytes", type=int, help="periodic validation on the split's first N bytes (0: all)")
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--log-every", type=int)
-    g.add_argument("--max-minutes", type=float, help="stop (and save) after this much training time")
-    g.add_argument("--device", help="default cuda where available, else cpu")
-    g.add_argument("--backend", help="op backend (default: fastest available)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast (default: on for CUDA, off on CPU)")
-    g.add_argument("--mlflow", action="store_true", help="also log to MLflow (must be installed)")
-    g.add_argument("--project", help="MLflow file store ./mlruns/<project> (default: MLflow's configured store)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    add_training_flags(parser, out_help="output folder (default runs/hier-<config>; for --stage top, --base's folder "
+                                        "with -top after it)", seq_len_help="window length in bytes")
     return parser
 
 

@@ -59,10 +59,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m agiformer.transparency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="our checkpoint (.pt) or an original v1 best_model.pth")
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. ",
-                     help="the prompt: the argument's bytes as given")
-    src.add_argument("--prompt-file", help="the prompt: the whole file's bytes")
+    _cli.add_prompt(parser, "The quick brown fox jumps over the lazy dog. ")
     parser.add_argument("-o", "--out", help="draw the graph to this PNG (needs the graph extra)")
     parser.add_argument("--threshold", type=float, default=0.04,
                         help="the smallest share an edge of the drawn paths has (default 0.04)")
@@ -76,8 +73,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     _cli.at_least(parser, args, 1, "top")
     if not 0 <= args.threshold <= 1:
         parser.error(f"--threshold {args.threshold}: a share, between 0 and 1")
-    prompt = _cli.read_bytes(parser, "--prompt-file", args.prompt_file) if args.prompt_file \
-        else _cli.arg_bytes(args.prompt)
+    prompt = _cli.read_prompt(parser, args)
     with _cli.user_errors(parser):
         model, _ = checkpoint.load_model(args.checkpoint, device=args.device, backend=args.backend,
                                          overrides=model_overrides(args))

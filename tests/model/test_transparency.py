@@ -215,7 +215,8 @@ def test_bad_input_names_the_argument():
     with pytest.raises(RuntimeError, match="run"):
         llm.residual_in(0)
     llm.run(PROMPTS)
-    for call, message in [(lambda: llm.residual_out(2), "layer = 2"), (lambda: llm.attention_matrix(2, 0, 0), "batch_i"),
+    for call, message in [(lambda: llm.residual_out(2), "layer = 2"),
+                          (lambda: llm.attention_matrix(2, 0, 0), "batch_i"),
                           (lambda: llm.attention_matrix(0, 0, 4), "head = 4"),
                           (lambda: llm.attention_output(1, 0, 2), "pos = 2"),
                           (lambda: llm.neuron_output(0, 128), "neuron = 128"),
