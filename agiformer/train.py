@@ -448,7 +448,6 @@ class Run:
     rank: int = 0
     world: int = 1
     nll_loss: bool = True  # the loss is a mean NLL in nats per byte: its rows carry bpb
-    after_update: Optional[Callable[[], None]] = None  # after every optimizer step
     samples: Optional[Callable[[], dict]] = None  # {file name: text} logged as artifacts at each validation
     columns: tuple = MetricsLog.COLUMNS
     project: Optional[str] = None  # MLflow file store ./mlruns/<project> (None: MLflow's configured store)
@@ -587,8 +586,6 @@ def run_loop(run: Run) -> dict:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             phase = "update"
             optimizer.step()
-            if run.after_update is not None:
-                run.after_update()
             scheduler.step()
             step += 1
             loss = loss.detach()

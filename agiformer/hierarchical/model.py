@@ -20,7 +20,7 @@ input alone (no code is visible), so ``nll.sum()`` is the code length of the who
 
 Training (``forward`` in training mode) does all bookkeeping itself: each quantiser's EMA step, its ring
 buffer of recent encoder outputs and its dead-code resets, and the segmenters' adaptive thresholds; all
-of it is in registered buffers. ``on_step`` is therefore a no-op, kept for trainers that call it.
+of it is in registered buffers, so a trainer needs no hook after the optimizer step.
 """
 
 from __future__ import annotations
@@ -120,9 +120,6 @@ class HierarchicalAutoencoder(nn.Module):
             for part in self._base():
                 part.eval()
         return self
-
-    def on_step(self) -> None:
-        """Nothing: the quantisers' and segmenters' bookkeeping happens inside ``forward`` in training mode."""
 
     # ------------------------------------------------------------------ inputs and encoding
 

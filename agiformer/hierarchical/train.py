@@ -154,8 +154,7 @@ def _train(cfg: dict, quiet: bool, interrupts: Interrupts) -> dict:
     run = Run(cfg=cfg, out=out, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
               device=device, interrupts=interrupts, loss=loss, validate=validate,
               contents=dict(config=model.config, train_config=train_config, stage=cfg["stage"]), say=say,
-              quiet=quiet, resume=resume, ckpt=ckpt, changes=changes, nll_loss=False,
-              after_update=getattr(model, "on_step", None), samples=samples,
+              quiet=quiet, resume=resume, ckpt=ckpt, changes=changes, nll_loss=False, samples=samples,
               columns=("step", "elapsed_s", "lr", "loss"), project=cfg["project"])
     restore(run)
     model.train()
