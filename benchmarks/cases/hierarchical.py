@@ -6,10 +6,10 @@ tiny preset's B16 L256, and greedy generation of 32 bytes after a 256-byte promp
 the runner's.
 
 The comparison (``python -m benchmarks.cases.hierarchical``) trains both on the embedded corpus on the same
-training bytes (the tiny preset's 600 steps of 16 x 256 bytes) and reports, per model: validation bits per
+training bytes (2000 steps of the tiny preset's 16 x 256 bytes) and reports, per model: validation bits per
 byte over the whole split (AGIFORMER's sequence loss; HierarchicalAutoencoder.nll's causal likelihood, which
-the base stage trains and the top LM does not enter: the hierarchical model's steps all go to its base stage
-unless ``--top-share`` gives the top stage a share of them, which changes only its generations), training
+the base stage trains and the top LM does not enter; ``--top-share``, default a quarter, is the share of the
+hierarchical model's steps its top stage gets, which changes only its generations), training
 bytes per second (training steps only), greedy generation bytes per second (256 bytes after a 256-byte
 validation prompt), peak RSS beyond the start of its training, and for the hierarchical model each level's
 reconstruction accuracy and bytes per code on the validation split. Each model trains in a process of its
@@ -167,8 +167,8 @@ def train_hierarchical(steps: int, top_share: float, out: Path, device: str) -> 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cases.hierarchical", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600, help="training steps of 16 x 256 bytes, each model")
-    parser.add_argument("--top-share", type=float, default=0.0,
+    parser.add_argument("--steps", type=int, default=2000, help="training steps of 16 x 256 bytes, each model")
+    parser.add_argument("--top-share", type=float, default=0.25,
                         help="the hierarchical model's share of steps in its top stage (default %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
