@@ -11,6 +11,7 @@ import torch
 
 from agiformer.checkpoint import read
 from agiformer.hierarchical import evaluate, generate, train
+from tests.tools.tiny_runs import word_corpus
 
 # The minute test config on 32-byte windows: a step takes milliseconds.
 FLAGS = ["--config", "test", "--seq-len", "32", "--batch-size", "2", "--eval-batch-size", "8", "--log-every", "1",
@@ -29,12 +30,7 @@ def short_samples(monkeypatch):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     """About 20 KB of varied text: val and test splits of about 1 KB each."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    words = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon", b"zeta", b"eta", b"theta"]
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
-    path.write_bytes(b" ".join(words[i] + (b".\n" if i == 3 else b"") for i in idx))
-    return path
+    return word_corpus(tmp_path_factory.mktemp("data") / "corpus.txt", 3000)
 
 
 def run(out: Path, text_file: Path, *extra: str) -> dict:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from agiformer import AGIFORMER, data, evaluate, generate, inspect, train
 from agiformer.checkpoint import load_model, read
+from tests.tools.tiny_runs import word_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--d-model", "32", "--n-layers", "1", "--num-heads", "2", "--window-size", "4", "--thinking-steps", "1",
@@ -23,12 +24,7 @@ TINY = ["--d-model", "32", "--n-layers", "1", "--num-heads", "2", "--window-size
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """About 40 KB of varied text: val and test splits of about 2 KB each."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    words = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon", b"zeta", b"eta", b"theta"]
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(words), (6000,), generator=g).tolist()
-    path.write_bytes(b" ".join(words[i] + (b".\n" if i == 3 else b"") for i in idx))
-    return path
+    return word_corpus(tmp_path_factory.mktemp("data") / "corpus.txt", 6000)
 
 
 def metrics(out: Path) -> list[dict]:

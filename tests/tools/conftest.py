@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tools.tiny_runs import run_train
+from tests.tools.tiny_runs import run_train, word_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -18,12 +18,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     """About 40 KB of varied text: val and test splits of about 2 KB each."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    words = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon", b"zeta", b"eta", b"theta"]
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(words), (6000,), generator=g).tolist()
-    path.write_bytes(b" ".join(words[i] + (b".\n" if i == 3 else b"") for i in idx))
-    return path
+    return word_corpus(tmp_path_factory.mktemp("data") / "corpus.txt", 6000)
 
 
 @pytest.fixture(scope="session")

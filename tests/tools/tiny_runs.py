@@ -10,6 +10,18 @@ TINY = ["--d-model", "32", "--n-layers", "1", "--num-heads", "2", "--window-size
         "--device", "cpu"]
 
 
+def word_corpus(path: Path, words: int) -> Path:
+    """``words`` seeded words of varied text (about 6.7 bytes each) written to ``path``: a corpus whose val and
+    test splits are 5% each."""
+    import torch
+
+    vocab = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon", b"zeta", b"eta", b"theta"]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(vocab), (words,), generator=g).tolist()
+    path.write_bytes(b" ".join(vocab[i] + (b".\n" if i == 3 else b"") for i in idx))
+    return path
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
